@@ -1,0 +1,178 @@
+"""Network parametrizations: turn a network's raw output into score, epsilon and x0 estimates.
+
+With x_t = alpha(t) x0 + sigma(t) eps (see ``sde.py``), the three quantities are tied by
+Tweedie's formula (Efron 2011; Song et al. 2021, Eq. 7):
+
+    score(x_t, t) = -eps_hat / sigma(t),   x0_hat = (x_t - sigma(t) eps_hat) / alpha(t)
+                  = (x_t + sigma(t)^2 score) / alpha(t).
+
+``ScoreModel`` wraps any network ``net(x, label, **cond)`` and owns the label fed to it (the
+time/noise conditioning) and the input scaling. Networks never see the SDE.
+
+Predictions (``prediction=``):
+    "eps":   F = eps_hat                                       (Ho et al. 2020)
+    "score": F = score (raw; for noise-free models use an SDE-free ``score_fn`` directly)
+    "x0":    F = x0_hat
+    "v":     F = v_hat with v = alpha eps - sigma x0           (Salimans & Ho 2022, Eq. 8 generalised)
+    "edm":   x0_hat = c_skip x~ + c_out F(c_in x~, c_noise) on x~ = x / alpha, with
+             noise level s = sigma / alpha                       (Karras et al. 2022, Eq. 7 & Table 1)
+
+Labels (``label=``): "time" -> 999 t / T (DDPM / DDPM++ convention), "log_sigma" -> log sigma(t)
+(NCSN++ with Fourier features), "sigma" -> sigma(t), "edm" -> log(sigma / alpha) / 4 (Karras et al.
+2022, Table 1). The default is "edm" for ``prediction="edm"`` and "time" otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from sgm_lightning.sde import SDE
+from sgm_lightning.utils import bcast, check_choice
+
+PREDICTIONS = ("eps", "score", "x0", "v", "edm")
+LABELS = ("time", "log_sigma", "sigma", "edm")
+
+
+class ModelOutput(NamedTuple):
+    """Score, epsilon and x0 estimates at (x_t, t), each shaped like x_t."""
+
+    score: torch.Tensor
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+class ScoreModel(nn.Module):
+    """Wrap ``net`` so that it can be asked for score / eps / x0 at (x, t) under ``sde``.
+
+    Args:
+        net: module called as ``net(x_in, label, **cond)`` returning a tensor shaped like ``x_in``.
+        sde: the forward process (supplies alpha(t), sigma(t)).
+        prediction: what ``net`` predicts, one of PREDICTIONS.
+        label: the conditioning label fed to ``net``, one of LABELS (None: default for ``prediction``).
+        sigma_data: EDM's data standard deviation (only for ``prediction="edm"``).
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", label: str | None = None,
+                 sigma_data: float = 0.5):
+        super().__init__()
+        check_choice("prediction", prediction, PREDICTIONS)
+        if label is None:
+            label = "edm" if prediction == "edm" else "time"
+        check_choice("label", label, LABELS)
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
+        self.net = net
+        self.sde = sde
+        self.prediction = prediction
+        self.label_kind = label
+        self.sigma_data = float(sigma_data)
+
+    # --------------------------------------------------------------------------- labels
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        """The (B,) time/noise label fed to the network at time t."""
+        if self.label_kind == "time":
+            return t * (999.0 / self.sde.T)
+        alpha, sigma = self.sde.marginal_coeffs(t)
+        if self.label_kind == "log_sigma":
+            return torch.log(sigma)
+        if self.label_kind == "sigma":
+            return sigma
+        return 0.25 * torch.log(sigma / alpha)
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """Raw network output F at (x, t) (what the network was trained to predict)."""
+        return self._raw(x, t, cond)[0]
+
+    def _raw(self, x, t, cond):
+        t = self._check(x, t)
+        alpha, sigma = (c.to(x.dtype) for c in self.sde.marginal_coeffs(t))
+        label = self.label(t).to(x.dtype)
+        x_in = x
+        if self.prediction == "edm":
+            s = sigma / alpha
+            c_in = 1.0 / torch.sqrt(s * s + self.sigma_data**2)
+            x_in = bcast(c_in / alpha, x) * x
+        out = self.net(x_in, label, **cond)
+        if out.shape != x.shape:
+            raise ValueError(f"network output has shape {tuple(out.shape)} but its input has shape {tuple(x.shape)}; "
+                             "the network must return a tensor shaped like its input")
+        return out, alpha, sigma
+
+    def _check(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        return t
+
+    def outputs(self, x: torch.Tensor, t: torch.Tensor, **cond) -> ModelOutput:
+        """Score, eps and x0 estimates at (x, t) (Tweedie's formula ties them together)."""
+        F, alpha, sigma = self._raw(x, t, cond)
+        a, s = bcast(alpha, x), bcast(sigma, x)
+        p = self.prediction
+        if p == "eps":
+            eps = F
+            x0 = (x - s * eps) / a
+        elif p == "score":
+            eps = -s * F
+            x0 = (x - s * eps) / a
+        elif p == "x0":
+            x0 = F
+            eps = (x - a * x0) / s
+        elif p == "v":
+            norm = a * a + s * s
+            x0 = (a * x - s * F) / norm
+            eps = (s * x + a * F) / norm
+        else:  # edm
+            n = s / a  # EDM noise level of x~ = x / alpha
+            sd2 = self.sigma_data**2
+            c_skip = sd2 / (n * n + sd2)
+            c_out = n * self.sigma_data / torch.sqrt(n * n + sd2)
+            x0 = c_skip * (x / a) + c_out * F
+            eps = (x - a * x0) / s
+        score = F if p == "score" else -eps / s
+        return ModelOutput(score=score, eps=eps, x0=x0)
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """grad_x log p_t(x) estimate (the ``score_fn`` handed to samplers)."""
+        return self.outputs(x, t, **cond).score
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """Noise estimate eps_hat(x_t, t)."""
+        return self.outputs(x, t, **cond).eps
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """x0_hat = E[x0 | x_t] (Tweedie's formula)."""
+        return self.outputs(x, t, **cond).x0
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output at x_t = alpha x0 + sigma eps (the regression target).
+
+        A network that outputs exactly this gives score = true conditional score, so
+        ``outputs(x_t, t)`` round-trips to (-eps / sigma, eps, x0).
+        """
+        alpha, sigma = (c.to(x0.dtype) for c in self.sde.marginal_coeffs(t))
+        a, s = bcast(alpha, x0), bcast(sigma, x0)
+        p = self.prediction
+        if p == "eps":
+            return eps
+        if p == "score":
+            return -eps / s
+        if p == "x0":
+            return x0
+        if p == "v":
+            return a * eps - s * x0
+        n = s / a
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (n * n + sd2)
+        c_out = n * self.sigma_data / torch.sqrt(n * n + sd2)
+        x_tilde = x0 + n * eps
+        return (x0 - c_skip * x_tilde) / c_out
+
+    def hparams(self) -> dict:
+        return {"prediction": self.prediction, "label": self.label_kind, "sigma_data": self.sigma_data}
