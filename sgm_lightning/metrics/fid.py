@@ -1,0 +1,142 @@
+"""FID / KID / IS on torchmetrics with plugged-in feature extractors and cached reference statistics.
+
+The Fréchet distance between Gaussian fits of two feature sets (Heusel et al. 2017, Eq. 6),
+
+    d^2 = ||mu_r - mu_g||^2 + tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^{1/2}),
+
+is computed by ``torchmetrics.image.FrechetInceptionDistance`` (float64 states, summed across ranks
+by torchmetrics' own sync); this module only adapts it:
+
+* ``make_fid_metric(extractor)``: the metric on a custom extractor (``num_features`` read from it),
+  keeping real statistics across ``reset()``.
+* ``load_reference_statistics(metric, mu, sigma, n, rank)`` writes cached (mu, Sigma, n) into the
+  metric's documented states ``real_features_sum`` = n mu, ``real_features_cov_sum`` =
+  (n - 1) Sigma + n mu mu^T, ``real_features_num_samples`` = n, the inverse of what
+  ``FrechetInceptionDistance.compute`` does. Only rank 0 holds them (other ranks zeros) so the
+  cross-rank *sum* is exact.
+* ``metric_key``: ``fid`` / ``kid`` / ``is`` only for the Inception network; ``fd_<name>`` /
+  ``kd_<name>`` / ``is_<name>`` for any other feature space.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from sgm_lightning.metrics.features import extractor_name, is_inception
+
+_PREFIXES = {"fid": ("fid", "fd"), "kid": ("kid", "kd"), "is": ("is", "is")}
+
+
+def metric_key(extractor: nn.Module, kind: str = "fid") -> str:
+    """Logged name of a metric: ``fid``/``kid``/``is`` for Inception, ``fd_<name>`` etc. otherwise."""
+    if kind not in _PREFIXES:
+        raise ValueError(f"kind={kind!r} is not supported; allowed values: {', '.join(map(repr, _PREFIXES))}")
+    inc, other = _PREFIXES[kind]
+    return inc if is_inception(extractor) else f"{other}_{extractor_name(extractor)}"
+
+
+def _num_features(extractor: nn.Module) -> int:
+    n = getattr(extractor, "num_features", None)
+    if n is None:
+        raise ValueError(f"extractor {type(extractor).__name__} must have an int attribute `num_features` "
+                         "(the size of its output features)")
+    return int(n)
+
+
+def make_fid_metric(extractor: nn.Module, **kwargs: Any) -> FrechetInceptionDistance:
+    """``FrechetInceptionDistance(feature=extractor)`` with real statistics kept across ``reset()``.
+
+    The extractor receives images exactly as passed to ``update`` (data range [-1, 1]).
+    """
+    _num_features(extractor)
+    kwargs.setdefault("reset_real_features", False)
+    return FrechetInceptionDistance(feature=extractor, **kwargs)
+
+
+def make_kid_metric(extractor: nn.Module, subset_size: int = 1000, subsets: int = 100, **kwargs: Any
+                    ) -> KernelInceptionDistance:
+    """``KernelInceptionDistance(feature=extractor)`` (Bińkowski et al. 2018, cubic polynomial kernel MMD^2)."""
+    _num_features(extractor)
+    kwargs.setdefault("reset_real_features", False)
+    return KernelInceptionDistance(feature=extractor, subset_size=subset_size, subsets=subsets, **kwargs)
+
+
+def make_is_metric(classifier: nn.Module, splits: int = 10, **kwargs: Any) -> InceptionScore:
+    """``InceptionScore(feature=classifier)`` (Salimans et al. 2016): ``classifier`` must return class
+    *logits* (B, K). The FID network (pool3, no logits layer) cannot give an IS."""
+    if getattr(classifier, "num_features", None) == 2048 and is_inception(classifier):
+        raise ValueError("the FID Inception network stops at pool3 (2048-d) and has no logits; "
+                         "pass a classifier returning class logits to compute an Inception Score")
+    return InceptionScore(feature=classifier, splits=splits, **kwargs)
+
+
+def load_reference_statistics(metric: FrechetInceptionDistance, mu: torch.Tensor, sigma: torch.Tensor,
+                              n: int, rank: int = 0) -> None:
+    """Load real-data statistics (mu (F,), Sigma (F, F) unbiased, n) into ``metric``'s real states.
+
+    On ``rank`` > 0 the real states are zeroed: torchmetrics sums states across ranks, so the total
+    equals rank 0's statistics exactly.
+    """
+    f = metric.real_features_sum.shape[0]
+    mu = torch.as_tensor(mu, dtype=torch.float64)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    if mu.shape != (f,) or sigma.shape != (f, f):
+        raise ValueError(f"reference statistics must have shapes ({f},) and ({f}, {f}) for this extractor, "
+                         f"got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+    if int(n) < 2:
+        raise ValueError(f"n (number of reference samples) must be >= 2, got {n!r}")
+    device = metric.real_features_sum.device
+    mu, sigma = mu.to(device), sigma.to(device)
+    if rank == 0:
+        metric.real_features_sum = mu * n
+        metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+        metric.real_features_num_samples = torch.tensor(int(n), device=device, dtype=torch.long)
+    else:
+        metric.real_features_sum = torch.zeros_like(mu)
+        metric.real_features_cov_sum = torch.zeros_like(sigma)
+        metric.real_features_num_samples = torch.tensor(0, device=device, dtype=torch.long)
+
+
+def load_reference_features(metric: KernelInceptionDistance, features: torch.Tensor, rank: int = 0) -> None:
+    """Put cached real features (N, F) into a KID metric's ``real_features`` list state (rank 0 only;
+    torchmetrics concatenates the lists of all ranks)."""
+    metric.real_features.clear()
+    if rank == 0:
+        metric.real_features.append(torch.as_tensor(features).to(metric.device, torch.float32))
+
+
+def statistics_from_states(feature_sum: torch.Tensor, cov_sum: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mu, unbiased Sigma, n) from the running sums Σf, Σ f f^T kept by ``FrechetInceptionDistance``."""
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"need at least 2 samples for a covariance, got n={n}")
+    mu = feature_sum.double() / n
+    sigma = (cov_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+    return mu, sigma, n
+
+
+def real_statistics(metric: FrechetInceptionDistance) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mu, Sigma, n) of the real features accumulated in ``metric`` (local states, no sync)."""
+    return statistics_from_states(metric.real_features_sum, metric.real_features_cov_sum,
+                                  metric.real_features_num_samples)
+
+
+def fake_statistics(metric: FrechetInceptionDistance) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mu, Sigma, n) of the generated features accumulated in ``metric`` (local states, no sync)."""
+    return statistics_from_states(metric.fake_features_sum, metric.fake_features_cov_sum,
+                                  metric.fake_features_num_samples)
+
+
+def compute_seeded(metric, seed: int = 0):
+    """``metric.compute()`` under a fixed global RNG seed (KID / IS draw random subsets and splits),
+    restoring the RNG state afterwards, so every rank and every run gets the same value."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return metric.compute()

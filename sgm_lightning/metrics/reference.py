@@ -1,0 +1,195 @@
+"""Real-data feature statistics (mu, Sigma, n), computed once and cached on disk.
+
+A cache entry is keyed by a sha256 of (dataset_id, resolution, split, extractor name, num_samples,
+format version), so statistics of one dataset / feature space can never be reused for another.
+Files are ``<cache_dir>/<dataset_id>_<split>_<key>.npz`` holding ``mu`` (F,), ``sigma`` (F, F)
+(unbiased, float64), ``n`` and the key fields; with ``keep_features=True`` also the raw ``features``
+(N, F) float32 (needed by KID). Writes are atomic (temporary file + ``os.replace``), so concurrent
+processes never read a half-written file.
+
+Cache folder: the ``cache_dir`` argument (config ``metrics.cache_dir``), else ``$SGM_FID_CACHE``,
+else ``~/.cache/sgm_lightning/fid_stats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from sgm_lightning.metrics.features import extractor_name
+from sgm_lightning.metrics.fid import make_fid_metric, real_statistics
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SGM_FID_CACHE"
+CACHE_FORMAT_VERSION = 1
+_STAGES = {"train": "fit", "val": "validate", "test": "test"}
+
+
+def default_cache_dir() -> Path:
+    """``$SGM_FID_CACHE`` or ``~/.cache/sgm_lightning/fid_stats``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path("~/.cache/sgm_lightning/fid_stats").expanduser()
+
+
+def reference_key(dataset_id: str, resolution, split: str, extractor: str, num_samples: int | None) -> str:
+    """Hash (16 hex digits) identifying a set of reference statistics."""
+    fields = {"dataset_id": str(dataset_id), "resolution": list(resolution) if isinstance(resolution, (tuple, list))
+              else resolution, "split": str(split), "extractor": str(extractor),
+              "num_samples": None if num_samples is None else int(num_samples), "version": CACHE_FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ReferenceStats:
+    """Cached real statistics. Unpacks as ``mu, sigma, n = stats``; ``hit`` tells whether the cache served it."""
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    n: int
+    key: str
+    path: Path
+    hit: bool
+    features: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.mu, self.sigma, self.n))
+
+
+def _images(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or dict['image'|'x'|'images']."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for k in ("image", "images", "x", "pixel_values"):
+            if k in batch:
+                return batch[k]
+    raise ValueError(f"cannot find the images in a batch of type {type(batch).__name__}; "
+                     "yield tensors, (x, y) tuples or dicts with an 'image' key")
+
+
+def _dataloader(data: Any, split: str) -> Iterable:
+    if hasattr(data, f"{split}_dataloader"):
+        return getattr(data, f"{split}_dataloader")()
+    if isinstance(data, Iterable):
+        return data
+    raise ValueError(f"data must be a DataLoader (iterable of batches) or a datamodule with {split}_dataloader(), "
+                     f"got {type(data).__name__}")
+
+
+def _resolution(data: Any, resolution):
+    if resolution is not None:
+        return resolution
+    shape = getattr(data, "data_shape", None)
+    if shape is None:
+        raise ValueError("resolution is needed for the cache key: pass resolution=(C, H, W) or a datamodule "
+                         "with a data_shape attribute")
+    return tuple(int(s) for s in shape)
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "data"
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@torch.no_grad()
+def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_samples: int | None = None,
+                                device: torch.device | str | None = None, keep_features: bool = False):
+    """Accumulate (mu, Sigma, n) of ``extractor`` features over the first ``num_samples`` images of
+    ``batches`` (all when None) with ``FrechetInceptionDistance``'s float64 running sums.
+    Returns (mu, sigma, n, features or None)."""
+    metric = make_fid_metric(extractor)
+    if device is not None:
+        metric = metric.to(device)
+    dev = metric.real_features_sum.device
+    kept, seen = [], 0
+    for batch in batches:
+        x = _images(batch)
+        if num_samples is not None:
+            x = x[: num_samples - seen]
+        if x.shape[0] == 0:
+            break
+        x = x.to(dev)
+        metric.update(x, real=True)
+        if keep_features:
+            kept.append(extractor(x).float().cpu())
+        seen += x.shape[0]
+        if num_samples is not None and seen >= num_samples:
+            break
+    if seen < 2:
+        raise ValueError(f"need at least 2 reference images, the data gave {seen}")
+    if num_samples is not None and seen < num_samples:
+        log.warning("reference statistics: asked for %d samples, the data has only %d", num_samples, seen)
+    mu, sigma, n = real_statistics(metric)
+    return mu.cpu(), sigma.cpu(), n, (torch.cat(kept) if keep_features else None)
+
+
+def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split: str = "train",
+                         num_samples: int | None = 50_000, cache_dir: str | os.PathLike | None = None, *,
+                         resolution=None, keep_features: bool = False,
+                         device: torch.device | str | None = None) -> ReferenceStats:
+    """Real statistics of ``extractor`` features on ``split`` of a dataset, cached on disk.
+
+    Args:
+        extractor: feature network (its ``name`` enters the key).
+        data: a DataLoader, or a (set-up) datamodule whose ``<split>_dataloader()`` is used. Use an
+            unshuffled loader so the first ``num_samples`` images are always the same.
+        dataset_id: identifies the dataset (and its preprocessing) in the key.
+        split: "train" | "val" | "test" (any string is allowed as a key field).
+        num_samples: number of images (None = the whole split).
+        cache_dir: folder; None -> ``$SGM_FID_CACHE`` or ``~/.cache/sgm_lightning/fid_stats``.
+        resolution: data shape for the key; default ``data.data_shape``.
+        keep_features: also store / return the raw features (for KID). A cached entry without them
+            is recomputed.
+    """
+    if num_samples is not None and (int(num_samples) != num_samples or num_samples < 2):
+        raise ValueError(f"num_samples must be an integer >= 2 or None (whole split), got {num_samples!r}")
+    resolution = _resolution(data, resolution)
+    name = extractor_name(extractor)
+    key = reference_key(dataset_id, resolution, split, name, num_samples)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = folder / f"{_sanitize(dataset_id)}_{_sanitize(split)}_{key}.npz"
+    meta = {"dataset_id": str(dataset_id), "resolution": str(tuple(resolution) if isinstance(resolution, (list, tuple))
+            else resolution), "split": str(split), "extractor": name, "num_samples": -1 if num_samples is None
+            else int(num_samples), "key": key}
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key and (not keep_features or "features" in z.files):
+                feats = torch.from_numpy(z["features"]) if "features" in z.files and keep_features else None
+                log.info("reference statistics: cache hit %s", path)
+                return ReferenceStats(torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), key,
+                                      path, True, feats, meta)
+    log.info("reference statistics: computing %s (%s)", path, meta)
+    mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split), num_samples,
+                                                      device=device, keep_features=keep_features)
+    arrays = {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": np.int64(n), **{k: np.asarray(v) for k, v in meta.items()}}
+    if feats is not None:
+        arrays["features"] = feats.numpy()
+    _atomic_save_npz(path, **arrays)
+    return ReferenceStats(mu, sigma, n, key, path, False, feats, meta)
