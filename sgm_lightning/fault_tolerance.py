@@ -1,0 +1,228 @@
+"""Runs that survive: preemption checkpoints and a guard against NaN/Inf losses and gradients.
+
+Preemption (``PreemptionCheckpoint``)
+    Lightning 2.6 already installs a SIGTERM handler (``_SignalConnector``): it sets
+    ``trainer.received_sigterm``, forwards the signal to DDP children, and the training loop raises
+    ``SIGTERMException`` (a ``SystemExit``) at the end of the step (single process) or at the start of
+    the next one (DDP, after broadcasting the flag from rank 0). It does not save anything unless
+    ``OnExceptionCheckpoint`` is used. SIGUSR1 is only handled under ``SLURMEnvironment(auto_requeue=True)``,
+    where Lightning saves ``hpc_ckpt_<n>.ckpt`` *inside the signal handler* (possibly mid-step) and
+    calls ``scontrol requeue``.
+    We build on this: our SIGUSR1 handler (installed only when Lightning's SLURM requeue handler is
+    not active) just sets a flag; at the next step boundary (``on_train_batch_end``, flag reduced over
+    ranks so that all of them agree) the callback writes ``<checkpoints>/last.ckpt`` through the
+    trainer (atomically, see ``checkpoint.AtomicCheckpointIO``) and raises ``Preempted``. A SIGTERM
+    seen by Lightning's handler takes the same path; one that surfaces as Lightning's own
+    ``SIGTERMException`` is caught in ``on_exception`` and the checkpoint is written there.
+    ``run_cli`` (``validation.py``) turns both into exit code ``PREEMPTED_EXIT_CODE`` = 143
+    (128 + SIGTERM, what a scheduler reports for a job ended by SIGTERM): the process ends cleanly,
+    and a requeued job resumes with ``ckpt_path=last``.
+
+Non-finite values (``NaNGuard``)
+    The loss (``on_before_backward``) and the gradients (``on_before_optimizer_step``, one fused
+    norm, one host sync per step) are checked before the optimizer step, so a NaN never reaches the
+    weights. ``on_nan="stop"`` raises ``NonFiniteError`` naming the global step and the culprit (the
+    loss or the first parameter with a non-finite gradient); no checkpoint is written, so
+    ``last.ckpt`` stays the last good one. ``on_nan="skip"`` drops the gradients (the optimizer skips
+    parameters without a gradient) and continues, stopping after ``max_skips`` skipped steps.
+    ``on_save_checkpoint`` refuses to write a checkpoint whose weights are not finite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from sgm_lightning.utils import check_choice, check_positive
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
+
+
+class Preempted(SIGTERMException):
+    """Raised at a step boundary after a preemption signal; ``last.ckpt`` has been written."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient stopped the run (``NaNGuard``)."""
+
+
+def _checkpoint_dir(trainer: Trainer, dirpath: Optional[str]) -> str:
+    if dirpath:
+        return str(dirpath)
+    cb = trainer.checkpoint_callback
+    if cb is not None and getattr(cb, "dirpath", None):
+        return str(cb.dirpath)
+    return os.path.join(str(trainer.default_root_dir), "checkpoints")
+
+
+def _slurm_requeue_active(trainer: Trainer) -> bool:
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return bool(getattr(env, "auto_requeue", False)) and type(env).__name__ == "SLURMEnvironment"
+
+
+class PreemptionCheckpoint(Callback):
+    """Save ``last.ckpt`` at the next step boundary after SIGTERM / SIGUSR1, then exit with code 143.
+
+    Args:
+        dirpath: folder of the checkpoint (default: the ModelCheckpoint's ``dirpath``).
+        filename: file name without ``.ckpt`` (default ``"last"``, what ``ckpt_path=last`` resumes).
+        handle_sigusr1: install a flag-setting SIGUSR1 handler (SLURM's ``--signal=USR1@<sec>``
+            warning) unless Lightning's SLURM auto-requeue handler owns the signal.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "last", handle_sigusr1: bool = True):
+        if not filename or filename.endswith(".ckpt"):
+            raise ValueError(f"filename must be a non-empty name without '.ckpt', got {filename!r}")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.handle_sigusr1 = bool(handle_sigusr1)
+        self._signal: Optional[str] = None
+        self._saved = False
+        self._previous_handler: Any = None
+
+    # -------------------------------------------------------------- signal plumbing
+    def _on_sigusr1(self, signum, frame) -> None:  # runs in the signal handler: set a flag only
+        self._signal = "SIGUSR1"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._signal, self._saved = None, False
+        if (stage == "fit" and self.handle_sigusr1 and hasattr(signal, "SIGUSR1")
+                and not _slurm_requeue_active(trainer)):
+            try:
+                self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+            except ValueError:  # not the main thread
+                self._previous_handler = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            try:
+                signal.signal(signal.SIGUSR1, self._previous_handler)
+            except ValueError:
+                pass
+            self._previous_handler = None
+
+    @property
+    def ckpt_name(self) -> str:
+        return self.filename + ".ckpt"
+
+    def _save(self, trainer: Trainer, why: str) -> str:
+        path = os.path.join(_checkpoint_dir(trainer, self.dirpath), self.ckpt_name)
+        trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
+        self._saved = True
+        rank_zero_info(f"[sgm_lightning] {why}: saved {path} at global step {trainer.global_step}; "
+                       f"exiting with code {PREEMPTED_EXIT_CODE}. Resume with ckpt_path=last.")
+        return path
+
+    # -------------------------------------------------------------- hooks
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        flag = self._signal is not None or bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        if flag and not self._saved:
+            why = f"received {self._signal or 'SIGTERM'}"
+            path = self._save(trainer, why)
+            raise Preempted(f"{why}; checkpoint {path} written at global step {trainer.global_step}")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not isinstance(exception, Preempted) and not self._saved:
+            self._save(trainer, "received SIGTERM")
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class NaNGuard(Callback):
+    """Stop (or skip the step) when the loss or a gradient is NaN/Inf, before the optimizer step.
+
+    Args:
+        on_nan: ``"stop"`` raises ``NonFiniteError`` naming the global step and the culprit;
+            ``"skip"`` drops the step's gradients and continues.
+        max_skips: with ``"skip"``, raise after this many skipped steps (counted over the run and
+            kept in checkpoints).
+    """
+
+    def __init__(self, on_nan: str = "stop", max_skips: int = 10):
+        check_choice("on_nan", on_nan, ("stop", "skip"))
+        check_positive("max_skips", max_skips, integer=True)
+        self.on_nan = on_nan
+        self.max_skips = int(max_skips)
+        self.skipped = 0
+        self._losses: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._losses = []
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())  # shares storage: checked (no sync) before the optimizer step
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        params = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        grads = [p.grad.detach() for _, p in params]
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+        loss_ok = torch.stack([torch.isfinite(v).all() for v in self._losses]).all() if self._losses else None
+        ok = torch.isfinite(total) if loss_ok is None else torch.isfinite(total) & loss_ok.to(total.device)
+        self._losses = []
+        if bool(ok):  # the one host sync per step
+            return
+        step = trainer.global_step
+        if loss_ok is not None and not bool(loss_ok):
+            what = "the loss is NaN/Inf"
+        else:
+            bad = next((n for n, p in params if not bool(torch.isfinite(p.grad).all())), "<unknown>")
+            what = f"the gradient of parameter '{bad}' is NaN/Inf"
+        if self.on_nan == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            rank_zero_warn(f"[sgm_lightning] NaNGuard: {what} at global step {step}; skipping the optimizer "
+                           f"step ({self.skipped}/{self.max_skips} skips).")
+            for _, p in params:
+                p.grad = None
+            pl_module.log("train/nan_skips", float(self.skipped), on_step=True, sync_dist=False)
+            return
+        extra = f" after {self.skipped} skipped steps (max_skips={self.max_skips})" if self.on_nan == "skip" else ""
+        raise NonFiniteError(
+            f"{what} at global step {step}{extra}; stopping before the optimizer step, no checkpoint written "
+            f"(the last good one is kept: resume with ckpt_path=last). Try a lower learning rate, "
+            f"gradient clipping (trainer.gradient_clip_val), fp32 precision, or callbacks.nan_guard.on_nan=skip.")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        for name, t in checkpoint.get("state_dict", {}).items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"refusing to write a checkpoint at global step {trainer.global_step}: "
+                                     f"weight '{name}' is NaN/Inf (the previous checkpoint is kept).")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class InjectNaN(Callback):
+    """Test hook: multiply the loss by NaN at global step ``at_step`` (exercise ``NaNGuard``).
+
+    Add it from the command line, e.g. ``+callbacks.inject_nan._target_=sgm_lightning.fault_tolerance.InjectNaN
+    +callbacks.inject_nan.at_step=3``.
+    """
+
+    def __init__(self, at_step: int, times: int = 1):
+        if isinstance(at_step, bool) or int(at_step) != at_step or at_step < 0:
+            raise ValueError(f"at_step must be a non-negative integer, got {at_step!r}")
+        check_positive("times", times, integer=True)
+        self.at_step, self.times = int(at_step), int(times)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.at_step <= trainer.global_step < self.at_step + self.times:
+            loss.mul_(float("nan"))
