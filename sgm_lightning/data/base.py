@@ -1,0 +1,240 @@
+"""Common LightningDataModule plumbing: global batch split, deterministic resumable sampling, val split.
+
+Every DataModule of the package derives from :class:`BaseDataModule`. Batches are tuples ``(x, y)``:
+``x`` float32 in ``data_range`` ("[-1,1]" by default, or "[0,1]"), ``y`` int64 class labels, or
+``-1`` for every example of a dataset without labels (``num_classes`` is then None).
+
+Batch size semantics: ``batch_size`` is the GLOBAL batch size; each of the ``world_size`` ranks loads
+``batch_size // world_size`` examples per step (ValueError when it does not divide). Training batches
+come from :class:`~sgm_lightning.data.sampler.ResumableBatchSampler`, which shards each global
+batch over the ranks itself, so Lightning's distributed-sampler injection is switched off for the
+loaders built here (``Trainer(use_distributed_sampler=False)`` does the same explicitly).
+
+Mid-epoch resume: Lightning 2.6 restores its batch counter but, for a plain ``DataLoader``, restarts
+the epoch's iterator from its first batch (it only warns that the loader is not resumable). The
+DataModule therefore stores ``{"epoch", "batches_consumed"}`` in ``state_dict()`` (Lightning puts it
+in every checkpoint), read from ``trainer.fit_loop.epoch_loop.batch_progress.current.ready``, and
+``load_state_dict()`` makes the next ``train_dataloader()`` skip the consumed batches of that epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sgm_lightning.data.ranges import check_data_range
+from sgm_lightning.data.sampler import ResumableBatchSampler
+
+log = logging.getLogger(__name__)
+
+NO_LABEL = -1  # the label of every example of an unlabelled dataset
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, val) index split of ``range(n)``: ``round(val_fraction * n)`` val examples
+    chosen by a permutation seeded with ``seed``; both lists sorted."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n_val = int(round(val_fraction * n))
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    perm = torch.randperm(n, generator=g)
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Base class; subclasses set ``data_shape``, ``num_classes``, ``dataset_id`` in ``__init__`` and
+    implement ``_load() -> (train_dataset, val_dataset or None)`` (map-style, items ``(x, y)``).
+
+    Args:
+        batch_size: GLOBAL batch size (split over the ranks).
+        num_workers: DataLoader worker processes per rank.
+        pin_memory: pin host memory (default: ``torch.cuda.is_available()``).
+        persistent_workers: keep workers alive between epochs (default: ``num_workers > 0``).
+        seed: seed of the per-epoch permutations and of the train/val split.
+        val_fraction: fraction of the training examples held out for validation (0: none).
+        data_range: "[-1,1]" or "[0,1]".
+        val_batch_size: global validation batch size (default: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        data_range: str = "[-1,1]",
+        val_batch_size: int | None = None,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value <= 0):
+                raise ValueError(f"{name} must be a positive integer (the global batch size), got {value!r}")
+        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = (self.num_workers > 0) if persistent_workers is None else bool(persistent_workers)
+        self.seed = int(seed)
+        self.val_fraction = float(val_fraction)
+        self.data_range = check_data_range(data_range)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self._train_sampler: ResumableBatchSampler | None = None
+        self._resume: dict | None = None
+
+    # ------------------------------------------------------------------ to implement
+    data_shape: tuple[int, ...]
+    num_classes: int | None
+    dataset_id: str
+
+    def _load(self) -> tuple[Dataset, Dataset | None]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset, self.val_dataset = self._load()
+            if len(self.train_dataset) == 0:
+                raise ValueError(f"the training set of {self.dataset_id} is empty")
+
+    def _split(self, full: Dataset) -> tuple[Dataset, Dataset | None]:
+        """Hold out ``val_fraction`` of ``full`` for validation (deterministic in ``seed``)."""
+        if self.val_fraction == 0.0:
+            return full, None
+        tr, va = split_indices(len(full), self.val_fraction, self.seed)
+        return Subset(full, tr), Subset(full, va)
+
+    # ------------------------------------------------------------------ distributed layout
+    def _layout(self) -> tuple[int, int]:
+        """(rank, world_size) from the attached trainer, (0, 1) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def per_rank_batch_size(self, global_batch_size: int | None = None, world_size: int | None = None) -> int:
+        """``global_batch_size // world_size``; ValueError naming both when it does not divide."""
+        b = self.batch_size if global_batch_size is None else int(global_batch_size)
+        ws = self._layout()[1] if world_size is None else int(world_size)
+        if b <= 0:
+            raise ValueError(f"batch_size must be a positive integer (the global batch size), got {b}")
+        if b % ws != 0:
+            raise ValueError(
+                f"batch_size={b} (global) is not divisible by the world size {ws}: "
+                f"use a multiple of {ws}, e.g. batch_size={max(ws, b - b % ws)}"
+            )
+        return b // ws
+
+    def _disable_distributed_sampler_injection(self) -> None:
+        # Our batch samplers shard by rank; Lightning must not wrap them in a DistributedSampler.
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if connector is not None and getattr(connector, "use_distributed_sampler", False) and self._layout()[1] > 1:
+            log.info("%s shards batches itself: disabling Lightning's distributed sampler", type(self).__name__)
+            connector.use_distributed_sampler = False
+
+    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler) -> DataLoader:
+        self._disable_distributed_sampler_injection()
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    # ------------------------------------------------------------------ dataloaders
+    def train_batch_sampler(self, rank: int | None = None, world_size: int | None = None) -> ResumableBatchSampler:
+        """The training batch sampler of ``rank`` (defaults: the trainer's layout), positioned for resume."""
+        self.setup("fit")
+        r, ws = self._layout()
+        r = r if rank is None else int(rank)
+        ws = ws if world_size is None else int(world_size)
+        sampler = ResumableBatchSampler(
+            len(self.train_dataset), self.per_rank_batch_size(world_size=ws), r, ws, self.seed, shuffle=True, drop_last=True
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training set ({len(self.train_dataset)} examples)"
+            )
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self._resume is not None:
+            epoch, start = self._resume["epoch"], self._resume["batches_consumed"]
+            if start >= len(sampler):  # the saved epoch was complete: continue with the next one
+                epoch, start = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            sampler.set_start(start)
+            self._resume = None
+        else:
+            sampler.set_epoch(epoch)
+        self._train_sampler = sampler
+        return sampler
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_batch_sampler()  # runs setup()
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches (dataset order, sharded over ranks, padded like DistributedSampler);
+        an empty list when there is no validation set (Lightning then skips validation)."""
+        self.setup("validate")
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return []
+        rank, ws = self._layout()
+        bs = self.per_rank_batch_size(self.val_batch_size, ws)
+        sampler = ResumableBatchSampler(len(self.val_dataset), bs, rank, ws, self.seed, shuffle=False, drop_last=False)
+        return self._loader(self.val_dataset, sampler)
+
+    def reference_dataloader(self, batch_size: int, num_samples: int | None = None) -> DataLoader:
+        """The first ``num_samples`` training examples in dataset order on one process (e.g. for FID
+        reference statistics); all of them when None."""
+        self.setup("fit")
+        ds = self.train_dataset
+        if num_samples is not None:
+            ds = Subset(ds, list(range(min(int(num_samples), len(ds)))))
+        return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.num_workers)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_consumed"}`` of the running fit (batches of the epoch already trained on)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.current_epoch), "batches_consumed": int(progress.ready), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            log.warning("resuming with seed=%d, the checkpoint used seed=%s", self.seed, state_dict.get("seed"))
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"])}
+
+
+class LabelledTensorDataset(Dataset):
+    """``(x[i], y[i])`` pairs from in-memory tensors (x float32 in the data range, y int64)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        if y is None:
+            y = torch.full((x.shape[0],), NO_LABEL, dtype=torch.long)
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        self.x = x.to(torch.float32).contiguous()
+        self.y = y.to(torch.long)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]

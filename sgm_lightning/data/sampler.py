@@ -1,0 +1,181 @@
+"""Deterministic, rank-sharded, resumable batch sampling.
+
+The order of the examples in epoch ``e`` is a permutation drawn from a ``torch.Generator`` seeded
+with ``(seed, e)`` only, so it does not depend on the number of workers, on the global RNG or on
+how often the run was interrupted. Global batch ``i`` of an epoch holds the permuted indices
+``perm[i * B : (i + 1) * B]`` with ``B = batch_size * world_size``; rank ``r`` takes the ``r``-th
+contiguous chunk of ``batch_size`` of it. The union over ranks of step ``i`` is therefore the same
+global batch for every world size, and ranks never share an example within an epoch.
+
+Lightning 2.6 calls ``set_epoch`` on ``DataLoader.sampler`` and on ``DataLoader.batch_sampler.sampler``
+at every epoch start (never on the batch sampler itself), so :class:`ResumableBatchSampler` exposes
+its epoch through the ``.sampler`` attribute (an :class:`EpochPermutation`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+# (seed, epoch) are combined into one generator seed; the multiplier keeps (s, e) pairs apart.
+_EPOCH_STRIDE = 1_000_003
+
+
+def _check_nonneg_int(name: str, value) -> None:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+class EpochPermutation:
+    """The index order of one epoch: a permutation from (seed, epoch), or 0..N-1 when not shuffling.
+
+    Args:
+        num_samples: number N of examples in the dataset.
+        seed: base seed of the per-epoch permutations.
+        shuffle: permute (True) or keep the dataset order (False).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        _check_nonneg_int("num_samples", num_samples)
+        _check_nonneg_int("seed", seed)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        _check_nonneg_int("epoch", epoch)
+        self.epoch = int(epoch)
+
+    def indices(self) -> torch.Tensor:
+        """The (N,) int64 index order of the current epoch."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator()
+        g.manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableBatchSampler:
+    """Batch sampler for one rank: deterministic per (seed, epoch), sharded, resumable mid-epoch.
+
+    Args:
+        num_samples: number N of examples in the dataset.
+        batch_size: examples per batch on THIS rank (the global batch is ``batch_size * world_size``).
+        rank: index of this process in ``[0, world_size)``.
+        world_size: number of processes sharing the epoch.
+        seed: base seed of the per-epoch permutations.
+        shuffle: permute the examples every epoch (False: dataset order, e.g. for validation).
+        drop_last: drop the last incomplete global batch. With ``drop_last=False`` the index list is
+            padded by wrapping around to a multiple of ``world_size`` (as ``DistributedSampler`` does)
+            so that every rank yields the same number of batches; with one rank nothing is repeated.
+
+    ``set_start(k)`` makes the next iteration over the current epoch skip its first ``k`` batches
+    (a resumed run continues at the first unseen batch); ``len()`` stays the full number of batches
+    per epoch, which is what Lightning expects when it restores its batch counter.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        _check_nonneg_int("num_samples", num_samples)
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(world_size, bool) or int(world_size) != world_size or world_size <= 0:
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        _check_nonneg_int("rank", rank)
+        if rank >= world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.sampler = EpochPermutation(num_samples, seed=seed, shuffle=shuffle)
+        self.batch_size = int(batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self._start_epoch: int | None = None
+        self._start = 0
+
+    # ------------------------------------------------------------------ epoch / resume state
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning does this through ``self.sampler``)."""
+        self.sampler.set_epoch(epoch)
+
+    def set_start(self, batch_index_in_epoch: int) -> None:
+        """Skip the first ``batch_index_in_epoch`` batches of the current epoch on the next iteration."""
+        _check_nonneg_int("batch_index_in_epoch", batch_index_in_epoch)
+        self._start_epoch = self.epoch
+        self._start = int(batch_index_in_epoch)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "start": self._start if self._start_epoch == self.epoch else 0,
+            "seed": self.sampler.seed,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("num_samples", self.num_samples)) != self.num_samples:
+            raise ValueError(
+                f"the saved sampler state is for num_samples={state['num_samples']}, "
+                f"this sampler has num_samples={self.num_samples}: resume with the same dataset"
+            )
+        self.set_epoch(int(state["epoch"]))
+        self.set_start(int(state.get("start", 0)))
+
+    # ------------------------------------------------------------------ batches
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self._global_batch()
+        if self.drop_last:
+            return n // b
+        padded = math.ceil(n / self.world_size) * self.world_size
+        return math.ceil(padded / b)
+
+    def epoch_batches(self) -> list[list[int]]:
+        """All batches of this rank in the current epoch (ignores ``set_start``)."""
+        idx = self.sampler.indices()
+        nb, b, bs = len(self), self._global_batch(), self.batch_size
+        if self.drop_last:
+            idx = idx[: nb * b]
+        elif len(idx) > 0:
+            padded = math.ceil(len(idx) / self.world_size) * self.world_size
+            idx = torch.cat([idx, idx[: padded - len(idx)]]) if padded > len(idx) else idx
+        batches = []
+        for i in range(nb):
+            glob = idx[i * b : (i + 1) * b]
+            per_rank = len(glob) // self.world_size  # == bs except for a last partial batch
+            batches.append(glob[self.rank * per_rank : (self.rank + 1) * per_rank].tolist())
+        assert all(len(x) <= bs for x in batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the epoch and start offset are read at the first next(), i.e. after Lightning
+        # has called set_epoch for this epoch.
+        start = self._start if self._start_epoch == self.epoch else 0
+        self._start_epoch, self._start = None, 0  # one-shot: later passes start at batch 0
+        yield from self.epoch_batches()[start:]
