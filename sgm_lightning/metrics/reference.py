@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from sgm_lightning.metrics.features import extractor_name
 from sgm_lightning.metrics.fid import make_fid_metric, real_statistics
@@ -82,7 +83,16 @@ def _images(batch: Any) -> torch.Tensor:
                      "yield tensors, (x, y) tuples or dicts with an 'image' key")
 
 
-def _dataloader(data: Any, split: str) -> Iterable:
+def _dataloader(data: Any, split: str, batch_size: int, num_samples: int | None) -> Iterable:
+    """Batches of ``split`` in dataset order on this process alone (never a rank's shard)."""
+    if split == "train" and hasattr(data, "reference_dataloader"):
+        return data.reference_dataloader(batch_size, num_samples)
+    dataset = getattr(data, f"{split}_dataset", None)
+    if dataset is None and hasattr(data, "setup") and hasattr(data, f"{split}_dataloader"):
+        data.setup(_STAGES.get(split, split))
+        dataset = getattr(data, f"{split}_dataset", None)
+    if dataset is not None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if hasattr(data, f"{split}_dataloader"):
         return getattr(data, f"{split}_dataloader")()
     if isinstance(data, Iterable):
@@ -153,13 +163,14 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
 def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split: str = "train",
                          num_samples: int | None = 50_000, cache_dir: str | os.PathLike | None = None, *,
                          resolution=None, keep_features: bool = False,
-                         device: torch.device | str | None = None) -> ReferenceStats:
+                         device: torch.device | str | None = None, batch_size: int = 250) -> ReferenceStats:
     """Real statistics of ``extractor`` features on ``split`` of a dataset, cached on disk.
 
     Args:
         extractor: feature network (its ``name`` enters the key).
-        data: a DataLoader, or a (set-up) datamodule whose ``<split>_dataloader()`` is used. Use an
-            unshuffled loader so the first ``num_samples`` images are always the same.
+        data: a DataLoader (use an unshuffled one, so the first ``num_samples`` images are always the
+            same), or a datamodule: its ``reference_dataloader`` for "train", else its
+            ``<split>_dataset`` read in order with ``batch_size``, else ``<split>_dataloader()``.
         dataset_id: identifies the dataset (and its preprocessing) in the key.
         split: "train" | "val" | "test" (any string is allowed as a key field).
         num_samples: number of images (None = the whole split).
@@ -186,7 +197,7 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
                 return ReferenceStats(torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), key,
                                       path, True, feats, meta)
     log.info("reference statistics: computing %s (%s)", path, meta)
-    mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split), num_samples,
+    mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split, batch_size, num_samples), num_samples,
                                                       device=device, keep_features=keep_features)
     arrays = {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": np.int64(n), **{k: np.asarray(v) for k, v in meta.items()}}
     if feats is not None:
