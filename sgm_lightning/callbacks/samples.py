@@ -1,0 +1,109 @@
+"""Fixed-seed sample grids during and after training, one per configured sampler.
+
+Every ``every_n_steps`` optimizer steps (and at the end of training) rank 0 draws ``num_samples``
+samples with each sampler from the same seed (so grids are comparable across steps), saves
+``<out_dir>/<name>_step<k>.png`` and logs ``samples/<name>`` (uint8 image; caption with NFE and
+step) and ``samples/<name>_nfe``. Other ranks skip: ``pl_module.generate`` contains no collective
+operation, so nothing can deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import lightning as L
+import numpy as np
+import torch
+
+DEFAULT_SAMPLERS = {
+    "pc": {"method": "pc", "steps": 100, "options": {}},
+    "ddpm": {"method": "ddpm", "steps": 100, "options": {}},
+    "ode": {"method": "ode", "steps": None, "options": {}},
+}
+
+
+def samples_to_image(x: torch.Tensor) -> np.ndarray:
+    """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points."""
+    from sgm_lightning import viz
+    x = x.detach().float().cpu()
+    if x.ndim == 2:
+        return viz.scatter_image(x)
+    return viz.make_grid(x, nrow=int(np.ceil(np.sqrt(x.shape[0]))))
+
+
+def log_image(logger, key: str, image: np.ndarray, step: int, caption: str) -> None:
+    """Log a uint8 HWC image to W&B / TensorBoard (other loggers: nothing)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[image], step=step, caption=[caption])
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, image, step, dataformats="HWC")
+
+
+class SampleGridCallback(L.Callback):
+    """Sample grids for each sampler in ``samplers`` (name -> {method, steps, options}).
+
+    Args:
+        every_n_steps: draw grids every this many optimizer steps (0: only at the end).
+        samplers: name -> {"method": ..., "steps": ..., "options": {...}} (default pc, ddpm, ode).
+        num_samples: samples per grid.
+        seed: seed of the sampling generator (the same for every grid).
+        use_ema: sample with the EMA weights.
+        at_train_end: also draw grids when training ends.
+        out_dir: where PNGs go (default ``<trainer.default_root_dir>/samples``).
+    """
+
+    def __init__(self, every_n_steps: int = 1000, samplers: Mapping | None = None, num_samples: int = 64,
+                 seed: int = 0, use_ema: bool = True, at_train_end: bool = True, out_dir: str | None = None):
+        super().__init__()
+        if int(every_n_steps) != every_n_steps or every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be an integer >= 0 (0 = only at the end), got {every_n_steps!r}")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        samplers = dict(DEFAULT_SAMPLERS if samplers is None else samplers)
+        for name, spec in samplers.items():
+            if not isinstance(spec, Mapping) or "method" not in spec:
+                raise ValueError(f"samplers[{name!r}] must be a mapping with a 'method' key, got {spec!r}")
+        self.every_n_steps = int(every_n_steps)
+        self.samplers = samplers
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.use_ema = bool(use_ema)
+        self.at_train_end = bool(at_train_end)
+        self.out_dir = out_dir
+        self._done_step = -1
+        self.last_paths: dict[str, str] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._done_step:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end and trainer.global_step != self._done_step:
+            self.draw(trainer, pl_module)
+
+    def draw(self, trainer, pl_module) -> dict[str, str]:
+        """Draw, save and log one grid per sampler (rank 0 only); returns name -> PNG path."""
+        step = trainer.global_step
+        self._done_step = step
+        if not trainer.is_global_zero:
+            return {}
+        from PIL import Image
+        out_dir = self.out_dir or os.path.join(trainer.default_root_dir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        for name, spec in self.samplers.items():
+            g = torch.Generator(device=pl_module.device)
+            g.manual_seed(self.seed)
+            res = pl_module.generate(self.num_samples, method=spec["method"], steps=spec.get("steps"),
+                                     generator=g, use_ema=self.use_ema, **dict(spec.get("options") or {}))
+            image = samples_to_image(res.samples)
+            path = os.path.join(out_dir, f"{name}_step{step}.png")
+            Image.fromarray(image).save(path)
+            self.last_paths[name] = path
+            caption = f"{name}: method={spec['method']} NFE={res.nfe} step={step}"
+            for logger in trainer.loggers:
+                log_image(logger, f"samples/{name}", image, step, caption)
+                logger.log_metrics({f"samples/{name}_nfe": float(res.nfe)}, step=step)
+        return dict(self.last_paths)

@@ -1,0 +1,298 @@
+"""``ScoreLitModule``: the Lightning wiring of a score-based generative model (DESIGN.md section 3).
+
+The module only wires the pieces together: the network is wrapped in a ``ScoreModel`` (the
+parametrization turns its output into score / eps / x0, Song et al. 2021, Eq. 7), the loss callable
+returns one loss per example (e.g. the denoising score-matching objective, Song et al. 2021, Eq. 7 /
+Ho et al. 2020, Eq. 14), and ``generate`` hands the model's score to ``sgm_lightning.sampling``.
+
+Randomness of the training objective (noise eps and times t) comes from a per-rank
+``torch.Generator`` seeded with (seed, rank); its state travels in every checkpoint, together with
+the global RNG state (dropout) and the EMA shadow weights (``checkpoint["ema"]``), so that a resumed
+single-process run continues bitwise identically.
+
+Checkpoints hold state dicts and plain hyperparameters only: the resolved Hydra configs of the
+network, SDE and loss are stored in ``checkpoint["sgm_config"]`` and ``load_from_sgm_checkpoint``
+rebuilds the module from the checkpoint alone with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torch_ema import ExponentialMovingAverage
+
+from sgm_lightning.parametrization import ScoreModel
+from sgm_lightning.sde import SDE
+from sgm_lightning.utils import check_choice
+
+OPTIMIZERS = ("adam", "adamw")
+_SEED_STRIDE = 1_000_003  # per-rank generator seed = seed + stride * (rank + 1)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return (int(seed) + _SEED_STRIDE * (int(rank) + 1)) % (2**63 - 1)
+
+
+class ScoreLitModule(L.LightningModule):
+    """Train a score model with a per-example loss; sample from it with any sampler.
+
+    Args:
+        net: network ``net(x, label, y=None)`` (its optional attribute ``num_classes`` enables labels).
+        sde: forward process.
+        loss: callable ``loss(model, x0, generator=None, return_t=False, **cond)`` -> (B,) or ((B,), t).
+        prediction, label: parametrization of ``ScoreModel`` (see ``parametrization.py``).
+        data_shape: shape of one example (C, H, W) or (D,), used by ``generate``.
+        data_range: range of the data, "[-1,1]" or "[0,1]" (see ``data/ranges.py``).
+        optimizer: "adam" or "adamw"; lr, betas, eps, weight_decay are its hyperparameters.
+        warmup_steps: linear learning-rate warm-up (Song et al. 2021, App. H: 5000 steps).
+        ema_decay: decay of the exponential moving average of the weights (0 disables EMA).
+        ema_warmup: use torch-ema's num_updates warm-up, decay_n = min(decay, (1 + n) / (10 + n)).
+        use_ema_for_eval: validation / sampling use the EMA weights unless told otherwise.
+        cond_drop_prob: label dropout for classifier-free guidance (Ho & Salimans 2022); the null
+            label has index ``num_classes``.
+        num_loss_buckets: the training loss is also logged per noise level, in this many t buckets.
+        seed: seed of the per-rank generator of the training noise.
+        config: the resolved configs {"net", "sde", "loss", ...} needed to rebuild the module.
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, loss: Callable, prediction: str = "eps",
+                 label: str | None = None, data_shape: Sequence[int] = (1, 8, 8),
+                 data_range: str = "[-1,1]", optimizer: str = "adam", lr: float = 2e-4,
+                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 warmup_steps: int = 5000, ema_decay: float = 0.9999, ema_warmup: bool = True,
+                 use_ema_for_eval: bool = True, cond_drop_prob: float = 0.1, num_loss_buckets: int = 10,
+                 seed: int = 0, config: dict | None = None):
+        super().__init__()
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}")
+        if int(num_loss_buckets) != num_loss_buckets or num_loss_buckets < 1:
+            raise ValueError(f"num_loss_buckets must be a positive integer, got {num_loss_buckets!r}")
+        if not callable(loss):
+            raise ValueError(f"loss must be a callable loss(model, x0, ...), got {type(loss).__name__}")
+        self.save_hyperparameters(ignore=["net", "sde", "loss"])
+        self.score_model = ScoreModel(net, sde, prediction=prediction, label=label)
+        self.sde = sde
+        self.loss_fn = loss
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.num_classes = getattr(net, "num_classes", None)
+        self.ema: ExponentialMovingAverage | None = None
+        if ema_decay > 0:
+            self.ema = ExponentialMovingAverage(self.score_model.parameters(), decay=ema_decay,
+                                                use_num_updates=ema_warmup)
+        self._generator: torch.Generator | None = None
+        self._pending_rng: dict | None = None
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ randomness
+    @property
+    def generator(self) -> torch.Generator:
+        """Per-rank generator of the training noise (created on the module's device)."""
+        if self._generator is None or self._generator.device.type != self.device.type:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(_rank_seed(self.hparams.seed, self.global_rank))
+            if self._pending_rng is not None:
+                self._restore_rng(g, self._pending_rng)
+                self._pending_rng = None
+            self._generator = g
+        return self._generator
+
+    def _restore_rng(self, g: torch.Generator, rng: dict) -> None:
+        state = rng.get("generator", {}).get(self.global_rank)
+        if state is not None:
+            g.set_state(state.cpu() if g.device.type == "cpu" else state)
+        else:  # another rank's state was not saved (rank 0 writes checkpoints): reseed deterministically
+            g.manual_seed(_rank_seed(self.hparams.seed + int(rng.get("global_step", 0)), self.global_rank))
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.score_model(x, t, **cond)
+
+    def _cond(self, y: torch.Tensor | None, drop: bool) -> dict:
+        if self.num_classes is None or y is None:
+            return {}
+        if drop and self.hparams.cond_drop_prob > 0:
+            u = torch.rand(y.shape, generator=self.generator, device=y.device)
+            y = torch.where(u < self.hparams.cond_drop_prob, torch.full_like(y, self.num_classes), y)
+        return {"y": y}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        losses, t = self.loss_fn(self.score_model, x, generator=self.generator, return_t=True,
+                                 **self._cond(y, drop=True))
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_buckets(losses.detach(), t.detach())
+        self._log_throughput(x.shape[0])
+        return loss
+
+    def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        k = self.hparams.num_loss_buckets
+        idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
+        for b in torch.unique(idx).tolist():
+            lo, hi = b / k * self.sde.T, (b + 1) / k * self.sde.T
+            self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", losses[idx == b].mean())
+
+    def _log_throughput(self, batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None and now > self._last_step_time:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log("train/img_per_sec", batch_size * world / (now - self._last_step_time))
+        self._last_step_time = now
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        if grads:  # the norm before Lightning's clipping (gradient_clip_val in the trainer config)
+            self.log("train/grad_norm", torch.stack(grads).norm(2))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        h = self.hparams
+        cls = torch.optim.Adam if h.optimizer == "adam" else torch.optim.AdamW
+        kwargs = dict(lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay)
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        opt = cls(self.score_model.parameters(), **kwargs)
+        warm = int(h.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ EMA
+    @contextlib.contextmanager
+    def ema_scope(self, use_ema: bool = True):
+        """Temporarily swap the EMA weights into the model (no-op without EMA or when use_ema=False)."""
+        if not use_ema or self.ema is None:
+            yield
+            return
+        self.ema.to(self.device)
+        with self.ema.average_parameters(self.score_model.parameters()):
+            yield
+
+    def ema_update(self) -> None:
+        """One EMA step on the current weights (called by ``EMACallback`` after each optimizer step)."""
+        if self.ema is not None:
+            self.ema.to(self.device)
+            self.ema.update(self.score_model.parameters())
+
+    # ------------------------------------------------------------------ sampling
+    def score_fn(self, y: torch.Tensor | None = None, guidance_scale: float | None = None) -> Callable:
+        """The score function handed to samplers (current weights; wrap in ``ema_scope`` for EMA)."""
+        if guidance_scale is not None:
+            if self.num_classes is None or y is None:
+                raise ValueError("guidance_scale needs a class-conditional model and class labels y")
+            from sgm_lightning.guidance import cfg_score_fn
+            return cfg_score_fn(self.score_model, y, guidance_scale, self.num_classes)
+        cond = {} if y is None else {"y": y}
+        return lambda x, t: self.score_model.score(x, t, **cond)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, method: str = "pc", steps: int | None = None,
+                 generator: torch.Generator | None = None, batch_size: int | None = None,
+                 y: torch.Tensor | None = None, use_ema: bool = True, guidance_scale: float | None = None,
+                 progress: Callable[[int, int], Any] | None = None, **options):
+        """Draw ``num_samples`` samples with ``sgm_lightning.sampling.sample`` in batches.
+
+        No collective operations happen here, so one rank may call it alone. ``progress(done, total)``
+        is called after each batch. Returns a ``SampleResult`` (samples on this module's device, nfe
+        of one batch's trajectory).
+        """
+        from sgm_lightning.sampling import sample
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        batch_size = int(batch_size or num_samples)
+        if y is not None:
+            y = torch.as_tensor(y, device=self.device, dtype=torch.long).expand(num_samples) \
+                if torch.as_tensor(y).ndim == 0 else torch.as_tensor(y, device=self.device, dtype=torch.long)
+        was_training = self.training
+        self.eval()
+        chunks, result = [], None
+        try:
+            with self.ema_scope(use_ema):
+                for start in range(0, num_samples, batch_size):
+                    n = min(batch_size, num_samples - start)
+                    yb = None if y is None else y[start:start + n]
+                    result = sample(self.score_fn(yb, guidance_scale), self.sde, (n, *self.data_shape),
+                                    method, steps=steps, generator=generator, device=self.device, **options)
+                    chunks.append(result.samples)
+                    if progress is not None:
+                        progress(start + n, num_samples)
+        finally:
+            self.train(was_training)
+        samples = torch.cat(chunks)
+        return _with_samples(result, samples)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sgm_config"] = self.hparams.get("config")
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["rng"] = {
+            "generator": {self.global_rank: self.generator.get_state()},
+            "torch": torch.get_rng_state(),
+            "global_step": self.global_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            if rng.get("torch") is not None:
+                torch.set_rng_state(rng["torch"].cpu())
+            self._generator = None
+            self._pending_rng = rng
+
+
+def _with_samples(result, samples: torch.Tensor):
+    """A copy of a sampler result with its samples replaced (dataclass or named tuple)."""
+    import dataclasses
+    if dataclasses.is_dataclass(result):
+        return dataclasses.replace(result, samples=samples)
+    if hasattr(result, "_replace"):
+        return result._replace(samples=samples)
+    result.samples = samples
+    return result
+
+
+def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu") -> ScoreLitModule:
+    """Rebuild a ``ScoreLitModule`` (weights and EMA) from a checkpoint file alone.
+
+    The network, SDE and loss are instantiated with ``hydra.utils.instantiate`` from the resolved
+    configs stored in ``checkpoint["sgm_config"]``; the file is read with ``weights_only=True``.
+    """
+    from hydra.utils import instantiate
+
+    from sgm_lightning.checkpoint import load_checkpoint, stored_config
+    ckpt = load_checkpoint(path, map_location=map_location, require_sgm=True)  # weights_only=True
+    cfg = stored_config(ckpt)
+    if not all(k in cfg for k in ("net", "sde", "loss")):
+        raise ValueError(f"checkpoint {path} has no sgm_config with net/sde/loss entries; "
+                         "pass a checkpoint written by sgm_lightning's train.py")
+    sde = instantiate(cfg["sde"])
+    net = instantiate(cfg["net"])
+    loss = instantiate(cfg["loss"], sde=sde)
+    hp = dict(ckpt["hyper_parameters"])
+    module = ScoreLitModule(net=net, sde=sde, loss=loss, **hp)
+    module.load_state_dict(ckpt["state_dict"])
+    if module.ema is not None and ckpt.get("ema") is not None:
+        module.ema.load_state_dict(ckpt["ema"])
+    module.to(map_location if not isinstance(map_location, dict) else "cpu")
+    if module.ema is not None:
+        module.ema.to(module.device)
+    module.eval()
+    return module

@@ -1,0 +1,92 @@
+"""Experiment loggers: W&B (default; offline automatically when it cannot reach the server), CSV,
+TensorBoard or none.
+
+W&B facts this module works around (measured with wandb 0.31): without an API key ``wandb.init``
+raises a UsageError or prompts for a login on a terminal; with a key but no network it gives up
+only after about 100 s; float images are no longer rescaled, so images are logged as uint8. Hence
+online mode is used only when an API key is available AND api.wandb.ai:443 answers within 2 s.
+
+The W&B run id is stored in ``<run_dir>/wandb_run_id.txt``; a resumed run reads it back and
+continues the same W&B run (``resume="allow"``).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+import uuid
+from typing import Any, Mapping
+
+RUN_ID_FILE = "wandb_run_id.txt"
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+
+def wandb_api_key_available() -> bool:
+    """True when WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an entry for api.wandb.ai."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+        return os.path.exists(path) and netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+    """A quick TCP connect to ``host:port`` (at most ``timeout`` seconds)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_should_be_offline() -> bool:
+    """Offline when WANDB_MODE is offline/disabled, no API key, or no network."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    return not (wandb_api_key_available() and network_reachable())
+
+
+def run_id_for(run_dir: str) -> str:
+    """The W&B run id of ``run_dir`` (read from RUN_ID_FILE, created on first use)."""
+    path = os.path.join(run_dir, RUN_ID_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            rid = f.read().strip()
+        if rid:
+            return rid
+    rid = uuid.uuid4().hex[:8]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(rid + "\n")
+    return rid
+
+
+def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = None, project: str = "sgm_lightning",
+                name: str | None = None, entity: str | None = None, tags: list | None = None,
+                offline: bool | None = None):
+    """Build the logger for a run: ``kind`` in LOGGERS; everything is written under ``run_dir``.
+
+    ``offline=None`` decides automatically (``wandb_should_be_offline``). Returns None for "none".
+    """
+    if kind not in LOGGERS:
+        raise ValueError(f"logger={kind!r} is not supported; allowed values: {', '.join(LOGGERS)}")
+    if kind == "none":
+        return None
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+        return CSVLogger(save_dir=run_dir, name="csv", version="")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
+    from lightning.pytorch.loggers import WandbLogger
+    if offline is None:
+        offline = wandb_should_be_offline()
+    if offline:
+        os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=project, name=name, entity=entity, tags=list(tags or []), save_dir=run_dir,
+                       id=run_id_for(run_dir), resume="allow", offline=offline, config=dict(run_config or {}))
