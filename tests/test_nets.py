@@ -9,7 +9,7 @@ import torch
 
 from sgm_lightning.nets import (GaussianFourierFeatures, LabelEmbedding, MLPClassifier, MLPScoreNet, NoiseFreeMLP,
                                 NoisyClassifier, TimeEmbedding, UNet, sinusoidal_embedding)
-from sgm_lightning.nets.unet import AttnBlock, ResBlock
+from sgm_lightning.nets.unet import AttnBlock, ResBlock, group_norm
 
 # tiny configuration (8x8 images) so that the whole file runs in a few seconds on 2 CPU cores
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
@@ -70,6 +70,12 @@ def test_unet_construction_errors():
     for kw, name in zip(bad, names):
         with pytest.raises(ValueError, match=name):
             small_unet(**kw)
+
+
+def test_group_norm_auto_reduces_and_unused_attention_warns():
+    assert [group_norm(c, 32).num_groups for c in (16, 32, 48, 256)] == [16, 32, 16, 32]
+    with pytest.warns(UserWarning, match="attn_resolutions"):
+        small_unet(attn_resolutions=(16,))  # an 8x8 U-Net has no 16x16 level
 
 
 def test_unet_forward_errors():
