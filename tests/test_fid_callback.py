@@ -1,0 +1,145 @@
+"""FIDCallback: logging / checkpoint selection in a tiny Trainer run, and 2-process DDP == 1 process."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from sgm_lightning.callbacks.fid import FIDCallback, chunk_seeds
+from sgm_lightning.metrics.features import IdentityFeatures, RandomProjectionFeatures
+
+SHAPE = (1, 4, 4)
+# generated std per evaluation (one evaluation every 2 steps); real data has std 0.3, so the
+# Fréchet distance is smallest at the second evaluation (step 4)
+SCHEDULE = {2: 0.9, 4: 0.32, 6: 0.6}
+
+
+class ToyData(L.LightningDataModule):
+    dataset_id = "toy-gauss-0.3"
+    data_shape = SHAPE
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.train_dataset = TensorDataset((0.3 * torch.randn(256, *SHAPE, generator=g)).clamp(-1, 1))
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=32, shuffle=False)
+
+
+class StubModule(L.LightningModule):
+    """Exposes the ``generate`` contract of ScoreLitModule; sample spread depends on the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1.0) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def generate(self, num_samples, method="pc", steps=None, generator=None, batch_size=None, y=None,
+                 use_ema=True, **options):
+        self.calls.append((num_samples, method, steps, use_ema))
+        std = SCHEDULE.get(self.trainer.global_step, 1.0) if self._trainer is not None else 0.5
+        x = std * torch.randn((num_samples, *SHAPE), generator=generator, device=self.device)
+        return SimpleNamespace(samples=x, nfe=7)
+
+
+class InceptionLike(IdentityFeatures):
+    is_inception = True  # stands in for the Inception network: only then is the key "fid"
+
+
+@pytest.mark.parametrize("extractor,key", [
+    (RandomProjectionFeatures(SHAPE, dim=8, seed=0), "val/fd_randproj8_s0"),
+    (InceptionLike(SHAPE), "val/fid"),
+])
+def test_fid_callback_logs_and_checkpoint_selects(tmp_path, extractor, key):
+    cb = FIDCallback(extractor=extractor, every_n_steps=2, num_samples=64, batch_size=32, method="ode", steps=5,
+                     reference_num_samples=128, cache_dir=str(tmp_path / "stats"), seed=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="min", save_top_k=1, every_n_train_steps=2,
+                           filename="{step}")
+    module = StubModule()
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, callbacks=[cb, ckpt], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ToyData())
+    steps = [s for s, _ in cb.history]
+    values = dict(cb.history)
+    assert steps == [2, 4, 6]
+    assert min(values, key=values.get) == 4  # the spread closest to the data's
+    assert cb.best == pytest.approx(values[4])
+    assert float(ckpt.best_model_score) == pytest.approx(values[4], rel=1e-5)
+    assert "step=4" in os.path.basename(ckpt.best_model_path)
+    assert key in trainer.callback_metrics and f"{key}_best" in trainer.callback_metrics
+    assert module.calls[0] == (32, "ode", 5, True)  # batch_size per call, sampler settings passed on
+    assert len(module.calls) == 3 * 2
+    assert cb.settings["reference_key"] is not None and cb.state_dict()["best"] == cb.best
+
+
+def test_chunk_seeds_cover_all_chunks_once_for_any_world_size():
+    for ws in (1, 2, 4):
+        got = sorted(c for r in range(ws) for c in chunk_seeds(64, 8, 10, r, ws))
+        assert got == [(c, 10 + c) for c in range(8)]
+    with pytest.raises(ValueError, match="divisible"):
+        chunk_seeds(64, 8, 0, 0, 3)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        FIDCallback(extractor=IdentityFeatures(SHAPE), every_n_steps=None)
+
+
+# ---------------------------------------------------------------------------- DDP (gloo, 2 processes)
+class _Strategy:
+    def barrier(self, name=None):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj, src=0):
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def _evaluate(rank: int, world_size: int, cache_dir: str, kid: bool = True) -> dict:
+    module = StubModule()
+    trainer = SimpleNamespace(global_rank=rank, world_size=world_size, global_step=0, is_global_zero=rank == 0,
+                              datamodule=ToyData(), strategy=_Strategy(), loggers=[])
+    cb = FIDCallback(extractor=RandomProjectionFeatures(SHAPE, dim=8, seed=0), every_n_steps=1, num_samples=64,
+                     batch_size=16, reference_num_samples=128, cache_dir=cache_dir, kid=kid, kid_subset_size=32)
+    cb.on_fit_start(trainer, module)
+    return cb.evaluate(trainer, module)
+
+
+def _worker(rank: int, world_size: int, init_file: str, cache_dir: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        out = _evaluate(rank, world_size, cache_dir)
+        torch.save(out, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    single = _evaluate(0, 1, str(tmp_path / "stats"))
+    # fork: the children reuse the imported modules (spawn would re-import lightning: ~10 s each)
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "stats"), str(tmp_path / "out")),
+                       nprocs=2, start_method="fork")
+    r0, r1 = torch.load(f"{tmp_path / 'out'}.0"), torch.load(f"{tmp_path / 'out'}.1")
+    key = "fd_randproj8_s0"
+    assert single[key] > 0
+    assert r0[key] == pytest.approx(single[key], rel=1e-5)  # same 64 samples, states summed over ranks
+    assert r1[key] == r0[key]  # every rank gets the synced value (no rank-0-only compute)
+    assert r1["kd_randproj8_s0"] == r0["kd_randproj8_s0"]
