@@ -102,8 +102,11 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         probe: "rademacher" or "gaussian" Hutchinson probes.
         n_probes: probes per example (averaged).
         solver: a torchdiffeq method (``ODE_SOLVERS``); rtol, atol: its tolerances.
-        **solver_options: passed to ``odeint`` as ``options`` (e.g. ``step_size=`` for fixed-step methods).
+        **solver_options: passed to ``odeint`` as ``options`` (e.g. ``step_size=`` for fixed-step methods);
+            ``method=`` (torchdiffeq's name) is accepted as an alias of ``solver``.
     """
+    if "method" in solver_options:
+        solver = solver_options.pop("method")
     check_choice("trace", trace, ("exact", "hutchinson"))
     check_choice("probe", probe, ("rademacher", "gaussian"))
     check_choice("solver", solver, ODE_SOLVERS)
