@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from types import SimpleNamespace
 
@@ -143,3 +144,57 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert r0[key] == pytest.approx(single[key], rel=1e-5)  # same 64 samples, states summed over ranks
     assert r1[key] == r0[key]  # every rank gets the synced value (no rank-0-only compute)
     assert r1["kd_randproj8_s0"] == r0["kd_randproj8_s0"]
+
+
+# ---------------------------------------------------------------------------- LikelihoodCallback
+class GaussData(L.LightningDataModule):
+    """8-bit quantized 2-D data in [-1, 1] (values k / 127.5 - 1)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        k = torch.round((0.3 * torch.randn(64, 2, generator=g) + 1) * 127.5).clamp(0, 255)
+        self.val = TensorDataset((k / 127.5 - 1).float())
+
+    def train_dataloader(self):
+        return DataLoader(self.val, batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=16)
+
+
+class ExactScoreModule(StubModule):
+    """score_fn / sde / ema_scope contract of ScoreLitModule with the exact score of N(0, 0.3^2 I)."""
+
+    def __init__(self):
+        super().__init__()
+        from sgm_lightning.analytic import GaussianMixture
+        from sgm_lightning.sde import VPSDE
+        self.sde = VPSDE()
+        self.gm = GaussianMixture([1.0], [[0.0, 0.0]], [0.09])
+
+    def score_fn(self, y=None, guidance_scale=None):
+        return self.gm.score_fn(self.sde)
+
+    def ema_scope(self, use_ema=True):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def test_likelihood_callback_logs_exact_bits_per_dim(tmp_path):
+    pytest.importorskip("sgm_lightning.likelihood")
+    from sgm_lightning.callbacks.likelihood import LikelihoodCallback
+    from sgm_lightning.likelihood import bits_per_dim, dequantize
+    cb = LikelihoodCallback(every_n_steps=2, num_batches=2, trace="exact", seed=4,
+                            solver_options={"eps": 1e-5, "rtol": 1e-4, "atol": 1e-4})
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    module, dm = ExactScoreModule(), GaussData()
+    trainer.fit(module, datamodule=dm)
+    # oracle: the same dequantization draws (seed + rank 0), NLL = -log N(x; 0, 0.09 I) exactly
+    g = torch.Generator().manual_seed(4)
+    expected = torch.cat([bits_per_dim(-module.gm.log_prob(dequantize(x, g).double()), 2)
+                          for (x,) in itertools.islice(dm.val_dataloader(), 2)]).mean()
+    assert float(trainer.callback_metrics["val/bpd"]) == pytest.approx(float(expected), abs=5e-3)
+    assert cb.history[0][0] == 2 and trainer.callback_metrics["val/bpd_nfe"] > 0

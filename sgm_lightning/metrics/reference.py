@@ -69,7 +69,7 @@ class ReferenceStats:
         return iter((self.mu, self.sigma, self.n))
 
 
-def _images(batch: Any) -> torch.Tensor:
+def batch_images(batch: Any) -> torch.Tensor:
     """The image tensor of a batch: a tensor, the first item of a tuple/list, or dict['image'|'x'|'images']."""
     if isinstance(batch, torch.Tensor):
         return batch
@@ -140,7 +140,7 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
     dev = metric.real_features_sum.device
     kept, seen = [], 0
     for batch in batches:
-        x = _images(batch)
+        x = batch_images(batch)
         if num_samples is not None:
             x = x[: num_samples - seen]
         if x.shape[0] == 0:

@@ -1,0 +1,126 @@
+"""Bits/dim of held-out data through the probability-flow ODE during training (Song et al. 2021, App. D.2).
+
+For each of the first ``num_batches`` batches of the chosen split (per rank; a datamodule that shards
+its loaders gives every rank different batches), images are uniformly dequantized ``n_dequant`` times
+(Theis et al. 2016), their NLL is computed with ``sgm_lightning.likelihood.log_likelihood`` (Eq. 39-40,
+Hutchinson or exact trace) and converted with ``bits_per_dim``. The mean over examples and draws is
+reduced over ranks with a torchmetrics ``MeanMetric`` and logged as ``<prefix>/bpd`` on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import MeanMetric
+
+from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
+from sgm_lightning.metrics.reference import batch_images
+from sgm_lightning.utils import check_choice, num_dims
+
+
+def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | None = None, n_dequant: int = 1,
+                       trace: str = "hutchinson", use_ema: bool = True, n_bits: int = 8,
+                       **solver_options) -> tuple[torch.Tensor, int]:
+    """Bits/dim per example (B,) of images ``x`` (in [-1, 1]) under ``module``'s probability-flow ODE,
+    averaged over ``n_dequant`` uniform dequantizations; also returns the NFE of the last solve.
+
+    ``module`` provides ``score_fn()``, ``sde`` and ``ema_scope(use_ema)`` (``ScoreLitModule``).
+    """
+    was_training = module.training
+    module.eval()
+    total, nfe = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), 0
+    try:
+        # Lightning's evaluation loops run under inference mode; the divergence needs autograd
+        with torch.inference_mode(False), torch.enable_grad(), module.ema_scope(use_ema):
+            x = x.clone()
+            for _ in range(int(n_dequant)):
+                xd = dequantize(x, generator, n_bits=n_bits).to(x.device)
+                res = log_likelihood(module.score_fn(), module.sde, xd, trace=trace, generator=generator,
+                                     **solver_options)
+                total += bits_per_dim(res.nll.detach(), num_dims(x), n_bits=n_bits).double()
+                nfe = int(res.nfe)
+    finally:
+        module.train(was_training)
+    return (total / n_dequant).detach(), nfe
+
+
+class LikelihoodCallback(Callback):
+    """Logs ``<prefix>/bpd`` (and ``<prefix>/bpd_nfe``) of the ``split`` data every N steps and/or at validation end.
+
+    Args:
+        every_n_steps: evaluate after every N optimizer steps (None: never on steps).
+        at_validation: evaluate at the end of each validation epoch (not in the sanity check).
+        num_batches: batches per rank.
+        n_dequant: uniform dequantization draws per image (averaged).
+        trace: "hutchinson" | "exact" divergence.
+        split: "val" | "test" | "train": which ``<split>_dataloader()`` of the datamodule.
+        use_ema: use the EMA weights.
+        seed: seeds dequantization noise and Hutchinson probes (seed + rank).
+        n_bits: bits of the discrete data.
+        solver_options: passed to ``log_likelihood`` (e.g. ``rtol``, ``atol``, ``solver``).
+    """
+
+    def __init__(self, every_n_steps: int | None = 5000, at_validation: bool = False, num_batches: int = 1,
+                 n_dequant: int = 1, trace: str = "hutchinson", split: str = "val", use_ema: bool = True,
+                 seed: int = 0, n_bits: int = 8, prefix: str = "val", solver_options: dict | None = None):
+        super().__init__()
+        if every_n_steps is None and not at_validation:
+            raise ValueError("set every_n_steps (an integer >= 1) and/or at_validation=True, else bpd never runs")
+        for name, v in (("num_batches", num_batches), ("n_dequant", n_dequant)) + (
+                (("every_n_steps", every_n_steps),) if every_n_steps is not None else ()):
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_choice("trace", trace, ("hutchinson", "exact"))
+        check_choice("split", split, ("train", "val", "test"))
+        self.every_n_steps, self.at_validation = every_n_steps, bool(at_validation)
+        self.num_batches, self.n_dequant, self.trace, self.split = int(num_batches), int(n_dequant), trace, split
+        self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
+        self.solver_options = dict(solver_options or {})
+        self.history: list[tuple[int, float]] = []
+        self._last_step = -1
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [tuple(h) for h in state_dict.get("history", [])]
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, f"{self.split}_dataloader"):
+            raise ValueError(f"LikelihoodCallback needs trainer.datamodule with {self.split}_dataloader()")
+        loader = getattr(dm, f"{self.split}_dataloader")()
+        mean = MeanMetric().to(pl_module.device)
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        nfe = 0
+        for batch in itertools.islice(loader, self.num_batches):
+            x = batch_images(batch).to(pl_module.device)
+            bpd, nfe = batch_bits_per_dim(pl_module, x, g, self.n_dequant, self.trace, self.use_ema,
+                                          self.n_bits, **self.solver_options)
+            mean.update(bpd)
+        value = float(mean.compute())  # synced over ranks (every rank calls it)
+        self.history.append((int(trainer.global_step), value))
+        return {"bpd": value, "bpd_nfe": float(nfe)}
+
+    def _run_and_log(self, trainer, pl_module, on_step: bool) -> None:
+        out = self.evaluate(trainer, pl_module)
+        for name, value in out.items():
+            pl_module.log(f"{self.prefix}/{name}", value, on_step=on_step, on_epoch=not on_step,
+                          sync_dist=False, rank_zero_only=False, prog_bar=(name == "bpd"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self._run_and_log(trainer, pl_module, on_step=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.at_validation and not trainer.sanity_checking:
+            self._run_and_log(trainer, pl_module, on_step=False)
+
+
+__all__ = ["LikelihoodCallback", "batch_bits_per_dim"]
