@@ -15,6 +15,9 @@ the epoch's iterator from its first batch (it only warns that the loader is not 
 DataModule therefore stores ``{"epoch", "batches_consumed"}`` in ``state_dict()`` (Lightning puts it
 in every checkpoint), read from ``trainer.fit_loop.epoch_loop.batch_progress.current.ready``, and
 ``load_state_dict()`` makes the next ``train_dataloader()`` skip the consumed batches of that epoch.
+(Lightning still prints "your dataloader is not resumable": it only checks the DataLoader object.)
+The count is in global steps' batches, so a run may also resume on another number of ranks as
+long as the global batch size is unchanged.
 """
 
 from __future__ import annotations

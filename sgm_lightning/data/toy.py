@@ -47,7 +47,7 @@ def swiss_roll(n: int, noise: float, g: torch.Generator) -> tuple[torch.Tensor, 
 def checkerboard(n: int, noise: float, g: torch.Generator, cells: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform on the black squares of a ``cells`` x ``cells`` board on [-cells/2, cells/2]^2."""
     col = torch.randint(0, cells, (n,), generator=g)
-    row = 2 * torch.randint(0, cells // 2, (n,), generator=g) + (col % 2)  # black: row + col even/odd pattern
+    row = 2 * torch.randint(0, cells // 2, (n,), generator=g) + (col % 2)  # black squares: row - col even
     u = torch.rand(n, 2, generator=g, dtype=torch.float64)
     x = torch.stack([col + u[:, 0], row + u[:, 1]], 1) - cells / 2
     return x + noise * torch.randn(n, 2, generator=g, dtype=torch.float64), torch.full((n,), NO_LABEL)
