@@ -98,17 +98,13 @@ def check_batch_vs_world(batch_size: int, world_size: int, name: str = "data.bat
             f"{name}={lo} or {lo + world_size}, or change trainer.devices.")
 
 
-def check_num_samples(num_samples: int, batch_size: Optional[int] = None, world_size: int = 1,
-                      grid_rows: Optional[int] = None) -> None:
-    """``num_samples`` must be positive; split over ranks / batches / a square grid as required."""
+def check_num_samples(num_samples: int, batch_size: Optional[int] = None, world_size: int = 1) -> None:
+    """``num_samples`` and ``batch_size`` must be positive; ``num_samples`` splits evenly over ranks."""
     _positive_int("num_samples", num_samples)
     _positive_int("batch_size", batch_size)
     if world_size > 1 and num_samples % world_size:
         raise ConfigError(f"num_samples={num_samples} must be divisible by the world size {world_size} "
                           f"(each rank draws num_samples/world_size); use a multiple of {world_size}.")
-    if grid_rows is not None and num_samples % grid_rows:
-        raise ConfigError(f"num_samples={num_samples} must be divisible by grid_rows={grid_rows} to fill the "
-                          f"sample grid; use a multiple of {grid_rows} or change grid_rows.")
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], must_exist: bool = False) -> Optional[str]:
@@ -171,7 +167,8 @@ def validate_sample_config(cfg: Any) -> None:
     steps = _get(cfg, "steps")
     if steps is not None:
         _positive_int("steps", steps)
-    check_num_samples(_get(cfg, "num_samples", 1), _get(cfg, "batch_size"), grid_rows=_get(cfg, "grid_rows"))
+    _positive_int("grid_rows", _get(cfg, "grid_rows"))
+    check_num_samples(_get(cfg, "num_samples", 1), _get(cfg, "batch_size"))
 
 
 # ---------------------------------------------------------------------------- error printer
