@@ -53,7 +53,7 @@ class StubModule(L.LightningModule):
     def generate(self, num_samples, method="pc", steps=None, generator=None, batch_size=None, y=None,
                  use_ema=True, **options):
         self.calls.append((num_samples, method, steps, use_ema))
-        std = SCHEDULE.get(self.trainer.global_step, 1.0) if self._trainer is not None else 0.5
+        std = SCHEDULE.get(self.trainer.global_step, 0.5) if self._trainer is not None else 0.5
         x = std * torch.randn((num_samples, *SHAPE), generator=generator, device=self.device)
         return SimpleNamespace(samples=x, nfe=7)
 
@@ -198,3 +198,27 @@ def test_likelihood_callback_logs_exact_bits_per_dim(tmp_path):
                           for (x,) in itertools.islice(dm.val_dataloader(), 2)]).mean()
     assert float(trainer.callback_metrics["val/bpd"]) == pytest.approx(float(expected), abs=5e-3)
     assert cb.history[0][0] == 2 and trainer.callback_metrics["val/bpd_nfe"] > 0
+
+
+# ---------------------------------------------------------------------------- evaluate()
+def test_evaluate_writes_npz_and_matches_the_callback(tmp_path):
+    import json
+
+    import numpy as np
+
+    from sgm_lightning.evaluation import evaluate
+    ext = RandomProjectionFeatures(SHAPE, dim=8, seed=0)
+    res = evaluate(StubModule(), ToyData(), num_samples=64, method="ode", steps=5, seed=0, batch_size=16,
+                   extractor=ext, kid=True, kid_subset_size=32, use_ema=True, out_dir=str(tmp_path / "eval"),
+                   devices=1, accelerator="cpu", reference_num_samples=128, cache_dir=str(tmp_path / "stats"),
+                   checkpoint_step=123)
+    # the same chunk seeds as the callback: the same 64 samples and the same value
+    ref = _evaluate(0, 1, str(tmp_path / "stats"))
+    assert res["fd_randproj8_s0"] == pytest.approx(ref["fd_randproj8_s0"], rel=1e-6)
+    assert res["kd_randproj8_s0"] == pytest.approx(ref["kd_randproj8_s0"], rel=1e-5)
+    assert res["nfe"] == 7 and res["checkpoint_step"] == 123 and res["method"] == "ode" and res["steps"] == 5
+    assert res["extractor"] == "randproj8_s0" and res["reference_key"] and res["world_size"] == 1
+    json.dumps(res)  # sample.py prints it as one JSON line
+    with np.load(res["samples_path"]) as z:
+        assert z["images"].shape == (64, 4, 4, 1) and z["images"].dtype == np.uint8
+        assert json.loads(str(z["settings"]))["seed"] == 0

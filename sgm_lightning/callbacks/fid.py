@@ -47,6 +47,20 @@ def chunk_seeds(num_samples: int, batch_size: int, seed: int, rank: int, world_s
     return [(c, seed + c) for c in range(rank, num_samples // batch_size, world_size)]
 
 
+def shared_reference_statistics(trainer, extractor: nn.Module, data, dataset_id: str, split: str,
+                                num_samples: int | None, cache_dir: str | None, **kwargs):
+    """``reference_statistics`` for every rank: rank 0 computes (or loads) and caches, all ranks meet at a
+    barrier, then the other ranks read the cache (a folder every rank can see; else they recompute)."""
+    ref = None
+    if trainer.global_rank == 0:
+        ref = reference_statistics(extractor, data, dataset_id, split, num_samples, cache_dir, **kwargs)
+        log.info("reference statistics %s (%s)", ref.path, "cache hit" if ref.hit else "computed")
+    trainer.strategy.barrier("fid_reference_statistics")
+    if trainer.global_rank != 0:
+        ref = reference_statistics(extractor, data, dataset_id, split, num_samples, cache_dir, **kwargs)
+    return ref
+
+
 class FIDCallback(Callback):
     """Fréchet distance (FID for the Inception extractor; Heusel et al. 2017) of model samples vs real data.
 
@@ -128,16 +142,9 @@ class FIDCallback(Callback):
         self._fid = make_fid_metric(self.extractor).to(pl_module.device)
         if self.kid:
             self._kid = make_kid_metric(self.extractor, subset_size=self.kid_subset_size).to(pl_module.device)
-        # rank 0 computes (or loads) and caches; after the barrier the other ranks read the cache
-        kwargs = dict(keep_features=self.kid, device=pl_module.device, batch_size=self.batch_size)
-        if trainer.global_rank == 0:
-            ref = reference_statistics(self.extractor, dm, dataset_id, self.reference_split,
-                                       self.reference_num_samples, self.cache_dir, **kwargs)
-            log.info("FID reference statistics %s (%s)", ref.path, "cache hit" if ref.hit else "computed")
-        trainer.strategy.barrier("fid_reference_statistics")
-        if trainer.global_rank != 0:
-            ref = reference_statistics(self.extractor, dm, dataset_id, self.reference_split,
-                                       self.reference_num_samples, self.cache_dir, **kwargs)
+        ref = shared_reference_statistics(trainer, self.extractor, dm, dataset_id, self.reference_split,
+                                          self.reference_num_samples, self.cache_dir, keep_features=self.kid,
+                                          device=pl_module.device, batch_size=self.batch_size)
         self.reference_key = ref.key
         load_reference_statistics(self._fid, ref.mu, ref.sigma, ref.n, rank=trainer.global_rank)
         if self._kid is not None:  # each rank holds a 1/W share; torchmetrics concatenates them
@@ -197,4 +204,4 @@ class FIDCallback(Callback):
         self._run_and_log(trainer, pl_module, on_step=False)
 
 
-__all__ = ["FIDCallback", "chunk_seeds"]
+__all__ = ["FIDCallback", "chunk_seeds", "shared_reference_statistics"]
