@@ -1,0 +1,115 @@
+"""``sample``: one entry point for every sampler (DESIGN.md section 2).
+
+    result = sample(score_fn, sde, shape, method, steps=None, generator=None, **options)
+    result.samples  # tensor of ``shape``
+    result.nfe      # number of score_fn evaluations (one per batched call)
+
+``score_fn(x, t)`` is any callable returning grad_x log p_t(x); it receives t of shape (B,) in x's
+dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations):
+
+    "pc"    predictor-corrector (Song et al. 2021, Alg. 1-3); options predictor, corrector, snr,
+            corrector_steps. steps default sde.N.
+    "ddpm"  ancestral sampling (Ho et al. 2020, Alg. 2 / Song et al. 2021, Eq. 47). steps default sde.N.
+    "ddim"  DDIM (Song, Meng & Ermon 2021, Eq. 12); option eta (0). steps default 100.
+    "ode"   probability-flow ODE (Song et al. 2021, Eq. 13) with torchdiffeq; options solver
+            ("dopri5"), rtol, atol (1e-5). steps: fixed-grid solvers only (default 100).
+    "heun"  EDM Heun sampler (Karras et al. 2022, Alg. 1); options rho (7), s_churn, s_tmin,
+            s_tmax, s_noise. steps default 18 (NFE 35).
+    "ald"   annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); options steps_per_level (100),
+            step_lr (2e-5). steps = number of noise levels, default 10.
+
+Options common to all methods: ``eps`` (end time, default ``sde.default_eps``), ``device``,
+``dtype`` (float32), ``x_T`` (start point instead of ``sde.prior_sampling``), ``callback(i, t, x)``
+(after every step), ``return_trajectory`` (False), ``denoise`` (True: the last step returns the
+noise-free mean / Tweedie's x0_hat, as in the literature).
+Randomness comes only from ``generator``: the same seed gives the same samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, heun, ode, pc
+from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
+from sgm_lightning.sde import SDE
+from sgm_lightning.utils import check_choice
+
+__all__ = ["sample", "SampleResult", "METHODS", "default_steps"]
+
+_RUNNERS = {"pc": pc, "ddpm": ddpm, "ddim": ddim, "ode": ode, "heun": heun, "ald": ald}
+_COMMON = ("eps", "device", "dtype", "x_T", "callback", "return_trajectory", "denoise")
+
+
+def default_steps(method: str, sde: SDE) -> int | None:
+    """Default ``steps`` per method (None for the adaptive ODE solver)."""
+    return {"pc": sde.N, "ddpm": sde.N, "ddim": 100, "ode": None, "heun": 18, "ald": 10}[method]
+
+
+def _method_options(method: str) -> tuple[str, ...]:
+    params = inspect.signature(_RUNNERS[method]).parameters
+    fixed = {"score", "sde", "x", "steps", "eps", "generator", "denoise", "record"}
+    return tuple(p for p in params if p not in fixed)
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    ok = isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1 and all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    if not ok:
+        raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}")
+    return tuple(shape)
+
+
+def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
+           generator: torch.Generator | None = None, **options) -> SampleResult:
+    """Draw samples of ``shape`` from the reverse process of ``sde`` driven by ``score_fn``.
+
+    Args:
+        score_fn: callable ``score_fn(x, t) -> grad_x log p_t(x)`` (t of shape (B,), x's dtype).
+        sde: the forward process (``sgm_lightning.sde.SDE``).
+        shape: (B, ...) shape of the samples.
+        method: one of METHODS ("pc", "ddpm", "ddim", "ode", "heun", "ald").
+        steps: number of steps (levels for "ald"); None = the method's default (``default_steps``).
+        generator: torch.Generator on the sampling device (None = global RNG).
+        **options: the common options (module doc) and the method's own options.
+    Returns:
+        SampleResult(samples, nfe, trajectory).
+    """
+    check_choice("method", method, METHODS)
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be an sgm_lightning.sde.SDE, got {type(sde).__name__}")
+    shape = _check_shape(shape)
+    allowed = _COMMON + _method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {', '.join(allowed)}")
+    if steps is None:
+        steps = default_steps(method, sde)
+    elif isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer (or None for the method's default), got {steps!r}")
+    eps = options.pop("eps", None)
+    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
+        raise ValueError(f"eps must be a number with 0 < eps < T={sde.T}, got {eps!r}")
+    dtype = options.pop("dtype", torch.float32)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+    x_T = options.pop("x_T", None)
+    device = options.pop("device", None)
+    if device is None:
+        device = x_T.device if x_T is not None else (generator.device if generator is not None else "cpu")
+    device = torch.device(device)
+    if x_T is None:
+        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape:
+            got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+            raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
+        x = x_T.to(device=device, dtype=dtype)
+    record = Recorder(options.pop("callback", None), bool(options.pop("return_trajectory", False)))
+    denoise = bool(options.pop("denoise", True))
+    score = CountingScore(score_fn)
+    with torch.no_grad():
+        x = _RUNNERS[method](score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,
+                             record=record, **options)
+    return SampleResult(samples=x, nfe=score.nfe, trajectory=record.trajectory)
