@@ -1,0 +1,100 @@
+"""Training a time-dependent (noisy) classifier p_phi(y | x_t, t) for classifier guidance.
+
+The classifier sees x_t = alpha(t) x_0 + sigma(t) z with t ~ U(eps, T) drawn from the same SDE as
+the score model (Song et al. 2021, App. I.1; Dhariwal & Nichol 2021, Sec. 4) and is trained with
+cross-entropy. Its gradient grad_x log p_phi(y | x_t, t) then drives
+``sgm_lightning.guidance.classifier_guidance_score_fn`` (pass ``module.classifier`` and
+``label_fn=module.label``).
+
+Checkpoints hold state dicts and hyper-parameters only: the network and the SDE are passed in
+(Hydra builds them) and excluded from ``hparams``; reload with
+``NoisyClassifierModule.load_from_checkpoint(path, classifier=net, sde=sde)``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgm_lightning.parametrization import ScoreModel
+from sgm_lightning.sde import SDE
+from sgm_lightning.utils import bcast, check_positive, randn_like
+
+
+class NoisyClassifierModule(L.LightningModule):
+    """LightningModule training ``classifier(x_t, label(t)) -> logits`` on noisy inputs.
+
+    Args:
+        classifier: network called as ``classifier(x, label)`` returning logits (B, K)
+            (``nets.NoisyClassifier`` / ``nets.MLPClassifier``).
+        sde: the forward process of the score model the classifier will guide.
+        label: time label fed to the classifier, as in ``ScoreModel`` ("time", "log_sigma", "sigma", "edm").
+        lr: Adam learning rate.
+        weight_decay: AdamW weight decay.
+        eps: smallest training time (None: ``sde.default_eps``).
+    Batches are (x, y) tuples/lists or dicts with keys "x"/"image" and "y"/"label".
+    """
+
+    def __init__(self, classifier: nn.Module, sde: SDE, label: str = "time", lr: float = 3e-4,
+                 weight_decay: float = 0.0, eps: float | None = None):
+        super().__init__()
+        check_positive("lr", lr)
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if eps is not None and not 0 < eps < sde.T:
+            raise ValueError(f"eps must be in (0, T={sde.T}), got {eps!r}")
+        self.save_hyperparameters(ignore=["classifier", "sde"])
+        self.classifier = classifier
+        self.sde = sde
+        self.eps = sde.default_eps if eps is None else float(eps)
+        # ScoreModel owns the time -> label map; a parameter-free instance lends it (not a submodule)
+        object.__setattr__(self, "_labeler", ScoreModel(nn.Identity(), sde, prediction="eps", label=label))
+
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        """The classifier's time/noise label at t (same map as ``ScoreModel.label``)."""
+        return self._labeler.label(t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits of p_phi(y | x_t, t)."""
+        return self.classifier(x, self.label(t).to(x.dtype))
+
+    @staticmethod
+    def _unpack(batch):
+        if isinstance(batch, dict):
+            x = batch.get("x", batch.get("image"))
+            y = batch.get("y", batch.get("label"))
+        else:
+            x, y = batch[0], batch[1]
+        if x is None or y is None:
+            raise ValueError("batch must be (x, y) or a dict with 'x'/'image' and 'y'/'label'")
+        return x, y.long()
+
+    def noisy_loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+        """Cross-entropy of the classifier on x_t ~ p_0t(x_t | x_0), t ~ U(eps, T). Returns (loss, acc)."""
+        t = self.eps + (self.sde.T - self.eps) * torch.rand(x0.shape[0], generator=generator, device=x0.device,
+                                                             dtype=x0.dtype)
+        mean, std = self.sde.marginal_prob(x0, t)
+        x_t = mean + bcast(std, x0) * randn_like(x0, generator)
+        logits = self(x_t, t)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=-1) == y).float().mean()
+        return loss, acc
+
+    def training_step(self, batch, batch_idx):
+        loss, acc = self.noisy_loss(*self._unpack(batch))
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self.noisy_loss(*self._unpack(batch))
+        self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record which SDE the classifier was trained for (informational; not used to rebuild it)."""
+        checkpoint["sde"] = {"class": type(self.sde).__name__, "hparams": self.sde.hparams()}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)
