@@ -39,12 +39,12 @@ def sample_main(cfg: DictConfig) -> dict:
     """Sample (or evaluate / solve an inverse task) as configured; returns the written paths."""
     import numpy as np
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from sgm_lightning.callbacks.samples import samples_to_image
     from sgm_lightning.lit_module import load_from_sgm_checkpoint
     from sgm_lightning.validation import validate_sample_config
+    from sgm_lightning.viz import save_image
 
     validate_sample_config(cfg)
     device = _device(cfg.device)
@@ -91,8 +91,8 @@ def sample_main(cfg: DictConfig) -> dict:
     bar.close()
     x = res.samples.detach().float().cpu()
     stem = os.path.join(out_dir, f"{cfg.method}")
-    grid = samples_to_image(x) if cfg.grid_rows is None else _grid(x, int(cfg.grid_rows))
-    Image.fromarray(grid).save(stem + "_grid.png")
+    nrow = None if cfg.grid_rows is None else int(num_samples_per_row(cfg))
+    save_image(samples_to_image(x, data_range=module.hparams.data_range, nrow=nrow), stem + "_grid.png")
     settings.update(nfe=int(res.nfe), data_range=module.hparams.data_range)
     arrays = {"samples": x.numpy(), "settings": np.array(json.dumps(settings))}
     images = to_images(x, module.hparams.data_range)
@@ -107,9 +107,9 @@ def sample_main(cfg: DictConfig) -> dict:
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
 
 
-def _grid(x, nrow: int):
-    from sgm_lightning import viz
-    return viz.make_grid(x, nrow=nrow)
+def num_samples_per_row(cfg) -> int:
+    """Images per grid row for ``grid_rows`` rows."""
+    return -(-int(cfg.num_samples) // int(cfg.grid_rows))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

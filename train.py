@@ -90,6 +90,8 @@ def train(cfg: DictConfig):
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
+    elif cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
 

@@ -23,13 +23,20 @@ DEFAULT_SAMPLERS = {
 }
 
 
-def samples_to_image(x: torch.Tensor) -> np.ndarray:
-    """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points."""
+def samples_to_image(x: torch.Tensor, data_range: str = "[-1,1]", nrow: int | None = None,
+                     min_size: int = 256) -> np.ndarray:
+    """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points.
+
+    Small grids (e.g. of 8x8 digits) are enlarged by an integer factor (nearest neighbour) to at
+    least ``min_size`` pixels so that they are readable.
+    """
     from sgm_lightning import viz
     x = x.detach().float().cpu()
     if x.ndim == 2:
         return viz.scatter_image(x)
-    return viz.make_grid(x, nrow=int(np.ceil(np.sqrt(x.shape[0]))))
+    grid = viz.make_grid(x, nrow=nrow or int(np.ceil(np.sqrt(x.shape[0]))), data_range=data_range)
+    factor = max(1, -(-min_size // max(grid.shape[:2])))
+    return np.ascontiguousarray(grid.repeat(factor, axis=0).repeat(factor, axis=1))
 
 
 def log_image(logger, key: str, image: np.ndarray, step: int, caption: str) -> None:
@@ -90,7 +97,7 @@ class SampleGridCallback(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero:
             return {}
-        from PIL import Image
+        from sgm_lightning.viz import save_image
         out_dir = self.out_dir or os.path.join(trainer.default_root_dir, "samples")
         os.makedirs(out_dir, exist_ok=True)
         for name, spec in self.samplers.items():
@@ -98,9 +105,9 @@ class SampleGridCallback(L.Callback):
             g.manual_seed(self.seed)
             res = pl_module.generate(self.num_samples, method=spec["method"], steps=spec.get("steps"),
                                      generator=g, use_ema=self.use_ema, **dict(spec.get("options") or {}))
-            image = samples_to_image(res.samples)
+            image = samples_to_image(res.samples, data_range=pl_module.hparams.data_range)
             path = os.path.join(out_dir, f"{name}_step{step}.png")
-            Image.fromarray(image).save(path)
+            save_image(image, path)
             self.last_paths[name] = path
             caption = f"{name}: method={spec['method']} NFE={res.nfe} step={step}"
             for logger in trainer.loggers:

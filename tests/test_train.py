@@ -1,0 +1,196 @@
+"""End-to-end plumbing of train.py (tiny U-Net, a few steps, W&B offline) and unit tests of the
+LightningModule's EMA / RNG / checkpoint handling.
+
+The subprocess runs are shared by a module-scoped fixture: one fresh run of 4 steps, then a resume
+from its last.ckpt to step 6.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "net.base_channels=8", "net.channel_mults=[1,2]", "net.num_groups=4",
+    "data.batch_size=16", "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=4",
+    "callbacks.samples.num_samples=4",
+    "callbacks.samples.samplers.pc.steps=3", "callbacks.samples.samplers.ddpm.steps=3",
+    "callbacks.samples.samplers.ode.options={rtol:0.1,atol:0.1}",
+]
+
+
+def run_script(script: str, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wandb_records(run_dir: str) -> list[dict]:
+    """All records of the offline W&B runs in run_dir, read back with `wandb leet inspect --json`."""
+    wandb_exe = os.path.join(os.path.dirname(sys.executable), "wandb")
+    records = []
+    for f in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        out = subprocess.run([wandb_exe, "leet", "inspect", "--json", f], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        records += [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    first = run_script("train.py", *TINY, "trainer.max_steps=4", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    run_id = open(os.path.join(run_dir, "wandb_run_id.txt")).read().strip()
+    second = run_script("train.py", *TINY, "trainer.max_steps=6", "ckpt_path=last", f"hydra.run.dir={run_dir}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"run_dir": run_dir, "first_ckpt": ckpt, "run_id": run_id}
+
+
+def test_checkpoint_holds_ema_rng_and_config(trained):
+    ckpt = trained["first_ckpt"]
+    assert ckpt["global_step"] == 4
+    ema = ckpt["ema"]
+    params = [v for k, v in ckpt["state_dict"].items() if k.startswith("score_model.")]
+    assert len(ema["shadow_params"]) == len(params)
+    assert ema["num_updates"] == 4  # one EMA update per optimizer step
+    # the EMA after 4 warm-up updates differs from the raw weights (decay_n < 1) but is close to them
+    assert any(not torch.equal(s, p) for s, p in zip(ema["shadow_params"], params))
+    assert set(ckpt["sgm_config"]) >= {"net", "sde", "loss"}
+    assert ckpt["sgm_config"]["net"]["in_channels"] == 1 and ckpt["sgm_config"]["net"]["image_size"] == 8
+    assert isinstance(ckpt["rng"]["generator"][0], torch.Tensor)
+
+
+def test_png_grids_and_wandb_offline_run(trained):
+    run_dir = trained["run_dir"]
+    for name in ("pc", "ddpm", "ode"):
+        assert os.path.getsize(os.path.join(run_dir, "samples", f"{name}_step4.png")) > 0
+        assert os.path.exists(os.path.join(run_dir, "samples", f"{name}_step6.png"))
+    records = wandb_records(run_dir)
+    text = json.dumps(records)
+    assert "train/loss" in text and "train/grad_norm" in text
+    for name in ("pc", "ddpm", "ode"):
+        assert f"samples/{name}" in text and f"samples/{name}_nfe" in text
+
+
+def test_resume_continues_step_and_wandb_run(trained):
+    run_dir = trained["run_dir"]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert ckpt["ema"]["num_updates"] == 6  # EMA state continued, not restarted
+    assert open(os.path.join(run_dir, "wandb_run_id.txt")).read().strip() == trained["run_id"]
+    runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(trained["run_id"]) for r in runs)
+
+
+def test_sample_cli_all_methods(trained, tmp_path):
+    ckpt = os.path.join(trained["run_dir"], "checkpoints", "last.ckpt")
+    methods = ["pc", "ddpm", "ddim", "ode", "heun"]
+    res = run_script("sample.py", "-m", f"ckpt_path={ckpt}", f"method={','.join(methods)}", "steps=3",
+                     "num_samples=4", "batch_size=2", f"out_dir={tmp_path}", "options={}",
+                     f"hydra.sweep.dir={tmp_path}/sweep")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import numpy as np
+    for m in methods:
+        assert os.path.getsize(tmp_path / f"{m}_grid.png") > 0
+        z = np.load(tmp_path / f"{m}_samples.npz")
+        assert z["images"].shape == (4, 8, 8, 1) and z["images"].dtype == np.uint8
+        assert z["samples"].shape == (4, 1, 8, 8) and np.isfinite(z["samples"]).all()
+        assert json.loads(str(z["settings"]))["method"] == m
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    res = run_script("train.py", "optim.lr=-1", f"hydra.run.dir={tmp_path}", "logger=none")
+    assert res.returncode != 0
+    assert "lr must be > 0" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- in-process unit tests
+def _tiny_module(**kw):
+    from sgm_lightning.lit_module import ScoreLitModule
+    from sgm_lightning.losses import DSMLoss
+    from sgm_lightning.nets.mlp import MLPScoreNet
+    from sgm_lightning.sde import VPSDE
+    sde = VPSDE()
+    torch.manual_seed(0)
+    net = MLPScoreNet(dim=2, hidden_dim=16, num_layers=2, embedding_dim=8)
+    return ScoreLitModule(net=net, sde=sde, loss=DSMLoss(sde), data_shape=(2,), **kw)
+
+
+def test_ema_callback_matches_closed_form():
+    """Without warm-up, two updates give shadow = d (d p0 + (1-d) p1) + (1-d) p2 exactly."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.callbacks import EMACallback
+    d = 0.9
+    module = _tiny_module(ema_decay=d, ema_warmup=False)
+    cb = EMACallback(decay=d, warmup=False)
+    trainer = SimpleNamespace(global_step=0)
+    cb.setup(trainer, module, "fit")
+    cb.on_fit_start(trainer, module)
+    p = next(module.score_model.parameters())
+    p0 = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    p1 = p.detach().clone()
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    cb.on_train_batch_end(trainer, module, None, None, 1)  # same global_step (accumulation): no update
+    with torch.no_grad():
+        p.mul_(3.0)
+    p2 = p.detach().clone()
+    trainer.global_step = 2
+    cb.on_train_batch_end(trainer, module, None, None, 2)
+    expected = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2
+    torch.testing.assert_close(module.ema.shadow_params[0], expected)
+    with module.ema_scope():
+        torch.testing.assert_close(p.detach(), expected)
+    torch.testing.assert_close(p.detach(), p2)  # raw weights restored after the scope
+
+
+def test_training_noise_generator_resumes_bitwise():
+    module = _tiny_module()
+    x = torch.randn(8, 2)
+    module.loss_fn(module.score_model, x, generator=module.generator)  # advance the stream
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    expected = module.loss_fn(module.score_model, x, generator=module.generator)
+    other = _tiny_module()
+    other.load_state_dict(module.state_dict())
+    other.on_load_checkpoint(ckpt)
+    torch.testing.assert_close(other.loss_fn(other.score_model, x, generator=other.generator), expected,
+                               rtol=0, atol=0)
+
+
+def test_bad_module_arguments_raise():
+    for kw, word in (({"optimizer": "sgd"}, "optimizer"), ({"lr": 0}, "lr"), ({"ema_decay": 1.0}, "ema_decay"),
+                     ({"cond_drop_prob": 1.5}, "cond_drop_prob")):
+        with pytest.raises(ValueError, match=word):
+            _tiny_module(**kw)
+
+
+def test_load_from_sgm_checkpoint_rebuilds_model(trained):
+    from sgm_lightning.lit_module import load_from_sgm_checkpoint
+    path = os.path.join(trained["run_dir"], "checkpoints", "last.ckpt")
+    module = load_from_sgm_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    for k, v in module.state_dict().items():
+        torch.testing.assert_close(v, ckpt["state_dict"][k], rtol=0, atol=0)
+    x, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.5)
+    raw = module.score_model.score(x, t)
+    with module.ema_scope():
+        ema = module.score_model.score(x, t)
+    assert not torch.allclose(raw, ema)  # the EMA weights were restored and differ from the raw ones
+    g = torch.Generator().manual_seed(0)
+    res = module.generate(4, method="ddpm", steps=3, generator=g, batch_size=3)
+    assert res.samples.shape == (4, 1, 8, 8) and torch.isfinite(res.samples).all() and res.nfe > 0
