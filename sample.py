@@ -55,19 +55,9 @@ def sample_main(cfg: DictConfig) -> dict:
     options = dict(cfg.options or {})
 
     if cfg.eval.fid:
-        from sgm_lightning.evaluation import evaluate
-        result = evaluate(module, num_samples=int(cfg.eval.num_samples), method=cfg.method, steps=cfg.steps,
-                          batch_size=cfg.batch_size, seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
-                          out_dir=out_dir, **dict(cfg.eval.options or {}), **options)
-        print(f"[sample] evaluation: {result}")
-        return {"eval": result}
+        return {"eval": _evaluate(cfg, module, out_dir, options)}
     if cfg.task is not None:
-        from sgm_lightning.inverse.tasks import run_inverse_task
-        result = run_inverse_task(module, task=str(cfg.task), method=cfg.method, steps=cfg.steps,
-                                  num_samples=int(cfg.num_samples), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
-                                  out_dir=out_dir, **dict(cfg.task_options or {}))
-        print(f"[sample] inverse task {cfg.task}: {result}")
-        return {"task": result}
+        return _inverse_task(cfg, module, out_dir, device)
 
     y = None
     if module.num_classes is not None:
@@ -105,6 +95,60 @@ def sample_main(cfg: DictConfig) -> dict:
     print(f"[sample] grid: {stem}_grid.png")
     print(f"[sample] samples: {stem}_samples.npz")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
+
+
+def _stored_datamodule(module, cfg):
+    """The training data module, rebuilt from the checkpoint's stored data config."""
+    from hydra.utils import instantiate
+    data_cfg = dict(module.hparams.config["data"])
+    data_cfg.update(OmegaConf.to_container(cfg.data_overrides, resolve=True) or {})
+    return instantiate(data_cfg)
+
+
+def _evaluate(cfg, module, out_dir: str, options: dict) -> dict:
+    """``eval.fid=true``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md)."""
+    from hydra.utils import instantiate
+
+    from sgm_lightning.evaluation import evaluate
+    m = cfg.metrics
+    result = evaluate(module, _stored_datamodule(module, cfg), num_samples=int(cfg.eval.num_samples),
+                      method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=int(cfg.batch_size or 250),
+                      extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
+                      out_dir=out_dir, reference_split=m.reference_split,
+                      reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,
+                      sampler_options=options)
+    print(f"[sample] evaluation: {result}")
+    return result
+
+
+def _inverse_task(cfg, module, out_dir: str, device) -> dict:
+    """``task=...``: restore ``num_samples`` training images from their measurement (docs/inverse.md)."""
+    import torch
+
+    from sgm_lightning.inverse.tasks import run_inverse_task
+    from sgm_lightning.viz import save_image
+    from sgm_lightning.callbacks.samples import samples_to_image
+    dm = _stored_datamodule(module, cfg)
+    dm.setup("fit")
+    images = []
+    for x, _ in dm.train_dataloader():
+        images.append(x)
+        if sum(len(i) for i in images) >= int(cfg.num_samples):
+            break
+    images = torch.cat(images)[: int(cfg.num_samples)].to(device)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(cfg.seed))
+    with module.ema_scope(bool(cfg.use_ema)):
+        out = run_inverse_task(module.score_model, module.sde, images, task=str(cfg.task),
+                               method=str(cfg.task_method), steps=int(cfg.steps or 100), generator=g,
+                               **dict(cfg.task_options or {}))
+    paths = {}
+    for key in ("truth", "measurement", "reconstruction"):
+        paths[key] = os.path.join(out_dir, f"{cfg.task}_{cfg.task_method}_{key}.png")
+        save_image(samples_to_image(out[key], data_range=module.hparams.data_range), paths[key])
+    psnr = float(out["psnr"].mean())
+    print(f"[sample] {cfg.task} with {cfg.task_method}: PSNR {psnr:.2f} dB, NFE {out['nfe']}; grids in {out_dir}")
+    return {"psnr": psnr, **paths}
 
 
 def num_samples_per_row(cfg) -> int:
