@@ -9,10 +9,13 @@ relative mode weights stay wrong for any practical number of steps (Song & Ermon
 Fig. 3). Annealed Langevin dynamics runs T_steps Langevin steps at each of L noise levels
 sigma_1 > ... > sigma_L, on p_{sigma_i}, with step alpha_i = step_lr sigma_i^2 / sigma_L^2.
 
-Here the noise levels are the SDE's marginals p_t at L times t_1 = T > ... > t_L = eps chosen so
-that the noise-to-signal ratio n(t) = sigma(t) / alpha(t) is geometric (for VE, the geometric
-sigma ladder of NCSN); sigma_i = sde.sigma(t_i). The default ``step_lr`` is 0.2 sigma_L^2, the
-paper's ratio (2e-5 for sigma_L = 0.01), so it adapts to the SDE's smallest noise level. With ``denoise=True`` the sampler returns
+Any linear SDE has p_t(x) = alpha^{-D} p~(x / alpha; n), p~(.; n) = p_data * N(0, n^2 I) with the
+noise-to-signal ratio n = sigma(t) / alpha(t): in the scaled variable x~ = x / alpha the SDE's
+marginals are exactly NCSN's perturbed densities with sigma = n. Langevin runs on x~ with
+sigma_i = n(t_i) at L times t_1 = T > ... > t_L = eps where n is geometric (for VE, x~ = x and this
+is NCSN's geometric sigma ladder); the score of p~ is alpha grad log p_t(alpha x~). Without the
+scaling, VP-type chains would have to undo the shrinking by alpha(t) with steps ~ sigma_i^2 and
+stay biased. The default ``step_lr`` is 0.2 sigma_L^2, the paper's ratio (2e-5 for sigma_L = 0.01). With ``denoise=True`` the sampler returns
 Tweedie's x0_hat at the last level (Song & Ermon 2020's final denoising step; one extra NFE).
 NFE = L * steps_per_level (+ 1).
 """
@@ -72,17 +75,20 @@ def ald(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: flo
         raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
     eps = sde.default_eps if eps is None else eps
     times = ald_times(sde, steps, eps, device=x.device)
-    sigmas = sde.sigma(times)
-    sigma_L = sigmas[-1]
+    alphas, sigmas = sde.marginal_coeffs(times)
+    levels = sigmas / alphas  # NCSN's sigma_i for the scaled variable x~ = x / alpha
     if step_lr is None:
-        step_lr = float(DEFAULT_LR_RATIO * sigma_L**2)
+        step_lr = float(DEFAULT_LR_RATIO * levels[-1] ** 2)
     check_positive("step_lr", step_lr)
+    xt = x / float(alphas[0])
     for i in range(steps):
-        t = batch_time(times[i], x)
-        alpha_i = float(step_lr * sigmas[i] ** 2 / sigma_L**2)
+        t, a = batch_time(times[i], x), float(alphas[i])
+        step = float(step_lr * levels[i] ** 2 / levels[-1] ** 2)
         for _ in range(steps_per_level):
-            x, _ = langevin_step(x, score(x, t), 0.5 * alpha_i, randn_like(x, generator))
-        record(i, times[i], x)
+            s_tilde = a * score(a * xt, t)  # grad of log p~(x~; n_i) = alpha grad log p_t(alpha x~)
+            xt, _ = langevin_step(xt, s_tilde, 0.5 * step, randn_like(xt, generator))
+        record(i, times[i], a * xt)
+    x = float(alphas[-1]) * xt
     if denoise:
         t = batch_time(times[-1], x)
         x = tweedie_x0(sde, x, t, score(x, t))
