@@ -194,3 +194,23 @@ def test_load_from_sgm_checkpoint_rebuilds_model(trained):
     g = torch.Generator().manual_seed(0)
     res = module.generate(4, method="ddpm", steps=3, generator=g, batch_size=3)
     assert res.samples.shape == (4, 1, 8, 8) and torch.isfinite(res.samples).all() and res.nfe > 0
+
+
+def test_wandb_offline_decision_and_run_id(tmp_path, monkeypatch):
+    import time
+
+    from sgm_lightning import logging_utils as lu
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no netrc entry
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    t0 = time.perf_counter()
+    assert lu.wandb_should_be_offline()  # no key -> offline, decided without touching the network
+    assert time.perf_counter() - t0 < 1.0
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password abc\n")
+    assert lu.wandb_api_key_available()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert lu.wandb_should_be_offline()
+    rid = lu.run_id_for(str(tmp_path / "run"))
+    assert lu.run_id_for(str(tmp_path / "run")) == rid and len(rid) == 8
+    with pytest.raises(ValueError, match="logger"):
+        lu.make_logger("mlflow", run_dir=str(tmp_path))
