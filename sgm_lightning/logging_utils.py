@@ -80,6 +80,10 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
         from lightning.pytorch.loggers import CSVLogger
         return CSVLogger(save_dir=run_dir, name="csv", version="")
     if kind == "tensorboard":
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("logger=tensorboard needs the tensorboard package: `pip install tensorboard` "
+                             "(or use logger=wandb / csv / none)")
         from lightning.pytorch.loggers import TensorBoardLogger
         return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
     from lightning.pytorch.loggers import WandbLogger
