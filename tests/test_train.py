@@ -57,6 +57,19 @@ def trained(tmp_path_factory):
     return {"run_dir": run_dir, "first_ckpt": ckpt, "run_id": run_id}
 
 
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(trained, tmp_path):
+    """4 steps + resume to 6 == 6 steps in one go (data order, training noise, optimizer, EMA)."""
+    straight = run_script("train.py", *TINY, "trainer.max_steps=6", f"hydra.run.dir={tmp_path}", "logger=none")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = torch.load(os.path.join(trained["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    b = torch.load(os.path.join(tmp_path, "checkpoints", "last.ckpt"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    for k in b["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    for sa, sb in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
+        torch.testing.assert_close(sa, sb, rtol=0, atol=0)
+
+
 def test_checkpoint_holds_ema_rng_and_config(trained):
     ckpt = trained["first_ckpt"]
     assert ckpt["global_step"] == 4
