@@ -103,8 +103,11 @@ class SampleGridCallback(L.Callback):
         for name, spec in self.samplers.items():
             g = torch.Generator(device=pl_module.device)
             g.manual_seed(self.seed)
+            # class-conditional models: the classes cycle through the grid (0, 1, ..., K-1, 0, ...)
+            k = getattr(pl_module, "num_classes", None)
+            y = torch.arange(self.num_samples, device=pl_module.device) % k if k else None
             res = pl_module.generate(self.num_samples, method=spec["method"], steps=spec.get("steps"),
-                                     generator=g, use_ema=self.use_ema, **dict(spec.get("options") or {}))
+                                     generator=g, y=y, use_ema=self.use_ema, **dict(spec.get("options") or {}))
             image = samples_to_image(res.samples, data_range=pl_module.hparams.data_range)
             path = os.path.join(out_dir, f"{name}_step{step}.png")
             save_image(image, path)
