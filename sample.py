@@ -52,7 +52,7 @@ def sample_main(cfg: DictConfig) -> dict:
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     settings = OmegaConf.to_container(cfg, resolve=True)
-    options = dict(cfg.options or {})
+    options = OmegaConf.to_container(cfg.options, resolve=True) if cfg.options else {}
 
     if cfg.eval.fid:
         return {"eval": _evaluate(cfg, module, out_dir, options)}
@@ -70,14 +70,22 @@ def sample_main(cfg: DictConfig) -> dict:
                          "(trained with model.class_conditional=true); drop them for this one")
     g = torch.Generator(device=device)
     g.manual_seed(int(cfg.seed))
-    bar = tqdm(total=int(cfg.num_samples), desc=f"sampling ({cfg.method})", unit="sample")
+    bar = tqdm(total=int(cfg.num_samples), desc=f"sampling ({cfg.method})", unit="sample", position=0)
+    step_bar = tqdm(desc="  steps of this batch", unit="step", position=1, leave=False)
 
-    def progress(done, total):
+    def progress(done, total):  # after each batch
         bar.update(done - bar.n)
+        step_bar.reset()
 
+    def on_step(i, t, x):  # the samplers' per-step callback(i, t, x)
+        step_bar.set_postfix(t=f"{t:.4f}", refresh=False)
+        step_bar.update(1)
+
+    options.setdefault("callback", on_step)
     res = module.generate(int(cfg.num_samples), method=cfg.method, steps=cfg.steps, generator=g,
                           batch_size=cfg.batch_size, y=y, use_ema=bool(cfg.use_ema),
                           guidance_scale=cfg.guidance_scale, progress=progress, **options)
+    step_bar.close()
     bar.close()
     x = res.samples.detach().float().cpu()
     stem = os.path.join(out_dir, f"{cfg.method}")
