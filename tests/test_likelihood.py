@@ -11,15 +11,6 @@ from sgm_lightning.likelihood import (LikelihoodResult, bits_per_dim, dequantize
 from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gm2d():
     return GaussianMixture([0.3, 0.7], [[-1.0, 0.5], [1.0, -0.5]], [0.25, 0.36])
 

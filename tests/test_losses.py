@@ -15,14 +15,6 @@ from sgm_lightning.parametrization import PREDICTIONS, ScoreModel
 from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MU, S, D = 0.3, 0.8, 2  # data N(MU, S^2 I_D)
 
 

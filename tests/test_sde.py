@@ -10,14 +10,6 @@ from sgm_lightning.parametrization import PREDICTIONS, ScoreModel
 from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SDES = {
     "vp": VPSDE(),
     "subvp": SubVPSDE(),
