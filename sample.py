@@ -109,7 +109,8 @@ def _stored_datamodule(module, cfg):
     """The training data module, rebuilt from the checkpoint's stored data config."""
     from hydra.utils import instantiate
     data_cfg = dict(module.hparams.config["data"])
-    data_cfg.update(OmegaConf.to_container(cfg.data_overrides, resolve=True) or {})
+    if cfg.data_overrides:
+        data_cfg.update(OmegaConf.to_container(cfg.data_overrides, resolve=True))
     return instantiate(data_cfg)
 
 
@@ -130,16 +131,26 @@ def _evaluate(cfg, module, out_dir: str, options: dict) -> dict:
 
 
 def _inverse_task(cfg, module, out_dir: str, device) -> dict:
-    """``task=...``: restore ``num_samples`` training images from their measurement (docs/inverse.md)."""
-    import torch
+    """``task=...``: restore ``num_samples`` images from their measurement (docs/inverse.md).
 
-    from sgm_lightning.inverse.tasks import run_inverse_task
+    The images are the first ``num_samples`` of the validation split when the (stored, possibly
+    overridden: ``data_overrides={val_fraction: 0.1}``) data config has one, else of the training set,
+    in dataset order. Writes ``<task>_<method>_{truth,measurement,reconstruction}.png``, the 4-row grid
+    ``<task>_<method>_grid.png`` (input / measurement / reconstruction / truth, one column per image)
+    and ``<task>_<method>_metrics.json`` (per-image and mean PSNR / SSIM, NFE, settings).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sgm_lightning.inverse.tasks import make_task_grid, run_inverse_task
     from sgm_lightning.viz import save_image
     from sgm_lightning.callbacks.samples import samples_to_image
     dm = _stored_datamodule(module, cfg)
     dm.setup("fit")
+    split = "val" if getattr(dm, "val_dataset", None) is not None and len(dm.val_dataset) > 0 else "train"
+    dataset = dm.val_dataset if split == "val" else dm.train_dataset
     images = []
-    for x, _ in dm.train_dataloader():
+    for x, _ in DataLoader(dataset, batch_size=256, shuffle=False):
         images.append(x)
         if sum(len(i) for i in images) >= int(cfg.num_samples):
             break
@@ -149,14 +160,26 @@ def _inverse_task(cfg, module, out_dir: str, device) -> dict:
     with module.ema_scope(bool(cfg.use_ema)):
         out = run_inverse_task(module.score_model, module.sde, images, task=str(cfg.task),
                                method=str(cfg.task_method), steps=int(cfg.steps or 100), generator=g,
-                               **dict(cfg.task_options or {}))
+                               **(OmegaConf.to_container(cfg.task_options, resolve=True) if cfg.task_options else {}))
+    stem = os.path.join(out_dir, f"{cfg.task}_{cfg.task_method}")
     paths = {}
     for key in ("truth", "measurement", "reconstruction"):
-        paths[key] = os.path.join(out_dir, f"{cfg.task}_{cfg.task_method}_{key}.png")
+        paths[key] = f"{stem}_{key}.png"
         save_image(samples_to_image(out[key], data_range=module.hparams.data_range), paths[key])
-    psnr = float(out["psnr"].mean())
-    print(f"[sample] {cfg.task} with {cfg.task_method}: PSNR {psnr:.2f} dB, NFE {out['nfe']}; grids in {out_dir}")
-    return {"psnr": psnr, **paths}
+    paths["grid"] = f"{stem}_grid.png"
+    save_image(samples_to_image(make_task_grid(out), data_range=module.hparams.data_range, nrow=len(images)),
+               paths["grid"])
+    psnr, ssim = float(out["psnr"].mean()), float(out["ssim"].mean())
+    summary = {"task": out["task"], "method": out["method"], "operator": out["operator"], "split": split,
+               "num_images": len(images), "nfe": int(out["nfe"]), "psnr_mean": psnr, "ssim_mean": ssim,
+               "psnr": out["psnr"].tolist(), "ssim": out["ssim"].tolist(),
+               "settings": OmegaConf.to_container(cfg, resolve=True)}
+    paths["metrics"] = f"{stem}_metrics.json"
+    with open(paths["metrics"], "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[sample] {cfg.task} with {cfg.task_method} on {len(images)} {split} images: PSNR {psnr:.2f} dB, "
+          f"SSIM {ssim:.3f}, NFE {out['nfe']}; grid {paths['grid']}")
+    return {"psnr": psnr, "ssim": ssim, **paths}
 
 
 def num_samples_per_row(cfg) -> int:

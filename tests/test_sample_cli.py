@@ -70,12 +70,18 @@ def test_sample_writes_grid_and_uint8_npz(ckpt_path, tmp_path):
 
 
 def test_inverse_task_mode(ckpt_path, tmp_path):
+    # dict-valued options are overridable from the command line (they default to null, not a struct {})
     res = run_sample(f"ckpt_path={ckpt_path}", "task=inpaint", "task_method=replacement", "steps=3",
-                     "num_samples=4", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
+                     "num_samples=4", "task_options={mask: half, snr: 0.1}", "data_overrides={val_fraction: 0.5}",
+                     f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
     assert res.returncode == 0, res.stderr[-3000:]
-    for key in ("truth", "measurement", "reconstruction"):
+    for key in ("truth", "measurement", "reconstruction", "grid"):
         assert os.path.getsize(tmp_path / f"inpaint_replacement_{key}.png") > 0
     assert "PSNR" in res.stdout
+    summary = json.loads((tmp_path / "inpaint_replacement_metrics.json").read_text())
+    assert summary["split"] == "val" and summary["num_images"] == 4 and "HalfInpainting" in summary["operator"]
+    assert summary["psnr_mean"] == pytest.approx(float(np.mean(summary["psnr"])))
+    assert summary["ssim_mean"] == pytest.approx(float(np.mean(summary["ssim"])))
 
 
 @pytest.mark.slow
