@@ -42,7 +42,7 @@ def net_config(cfg: DictConfig, data_shape, num_classes) -> dict:
     return net
 
 
-def resolve_ckpt_path(ckpt_path, run_dir: str):
+def resolve_ckpt_path(ckpt_path, run_dir: str, current: dict | None = None):
     """null -> None; "last" -> <run_dir>/checkpoints/last.ckpt (None, i.e. a fresh start, when absent)."""
     from sgm_lightning.validation import check_checkpoint, resolve_ckpt_path as resolve
     path = resolve(ckpt_path, run_dir)
@@ -51,7 +51,7 @@ def resolve_ckpt_path(ckpt_path, run_dir: str):
             print(f"[train] ckpt_path=last: no checkpoint in {run_dir}/checkpoints yet, starting fresh")
         return None
     path = os.path.abspath(path)
-    check_checkpoint(path)  # clear error when missing / corrupt / not ours
+    check_checkpoint(path, current)  # clear error when missing / corrupt / not ours / other net or sde config
     return path
 
 
@@ -110,7 +110,7 @@ def train(cfg: DictConfig):
                             data_range=getattr(datamodule, "data_range", "[-1,1]"), seed=int(cfg.seed),
                             config=stored)
 
-    ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir, current=stored)
     _inherit_wandb_id(ckpt, run_dir)
     logger = None
     if cfg.get("logger") and "_target_" in cfg.logger:

@@ -97,6 +97,7 @@ class ScoreLitModule(L.LightningModule):
                                                 use_num_updates=ema_warmup)
         self._generator: torch.Generator | None = None
         self._pending_rng: dict | None = None
+        self._pending_torch_rng: torch.Tensor | None = None
         self._last_step_time: float | None = None
 
     # ------------------------------------------------------------------ randomness
@@ -252,10 +253,18 @@ class ScoreLitModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
         rng = checkpoint.get("rng")
         if rng is not None:
-            if rng.get("torch") is not None:
-                torch.set_rng_state(rng["torch"].cpu())
+            if rng.get("torch") is not None:  # set in on_train_start (see there)
+                self._pending_torch_rng = rng["torch"].cpu()
             self._generator = None
             self._pending_rng = rng
+
+    def on_train_start(self) -> None:
+        # Lightning creates the training dataloader iterator (which draws a base seed from the global
+        # RNG) after restoring the checkpoint; restoring the global RNG here, after that draw, makes a
+        # resumed run continue the uninterrupted run's global RNG stream bitwise.
+        if self._pending_torch_rng is not None:
+            torch.set_rng_state(self._pending_torch_rng)
+            self._pending_torch_rng = None
 
 
 def _with_samples(result, samples: torch.Tensor):

@@ -113,7 +113,7 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     step = ck["global_step"]
     assert 2 <= step < 100000
     assert sorted(n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")) == []
-    p = train(run, f"trainer.max_steps={step + 2}", "callbacks.checkpoint.every_n_train_steps=2", "ckpt_path=last")
+    p = train(run, f"trainer.max_steps={step + 2}", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last")
     assert last(run)["global_step"] == step + 2, p.stdout[-2000:]
 
 
