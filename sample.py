@@ -114,6 +114,13 @@ def _stored_datamodule(module, cfg):
     return instantiate(data_cfg)
 
 
+def _checkpoint_step(path: str) -> int | None:
+    """The training step (``global_step``) stored in the checkpoint file, recorded with the figures."""
+    from sgm_lightning.checkpoint import load_checkpoint
+    step = load_checkpoint(str(path), map_location="cpu").get("global_step")
+    return None if step is None else int(step)
+
+
 def _evaluate(cfg, module, out_dir: str, options: dict) -> dict:
     """``eval.fid=true``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md)."""
     from hydra.utils import instantiate
@@ -125,7 +132,7 @@ def _evaluate(cfg, module, out_dir: str, options: dict) -> dict:
                       extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
                       out_dir=out_dir, reference_split=m.reference_split,
                       reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,
-                      sampler_options=options)
+                      sampler_options=options, checkpoint_step=_checkpoint_step(cfg.ckpt_path))
     print(f"[sample] evaluation: {result}")
     return result
 
@@ -171,7 +178,7 @@ def _inverse_task(cfg, module, out_dir: str, device) -> dict:
                paths["grid"])
     psnr, ssim = float(out["psnr"].mean()), float(out["ssim"].mean())
     summary = {"task": out["task"], "method": out["method"], "operator": out["operator"], "split": split,
-               "num_images": len(images), "nfe": int(out["nfe"]), "psnr_mean": psnr, "ssim_mean": ssim,
+               "num_images": len(images), "checkpoint_step": _checkpoint_step(cfg.ckpt_path), "nfe": int(out["nfe"]), "psnr_mean": psnr, "ssim_mean": ssim,
                "psnr": out["psnr"].tolist(), "ssim": out["ssim"].tolist(),
                "settings": OmegaConf.to_container(cfg, resolve=True)}
     paths["metrics"] = f"{stem}_metrics.json"

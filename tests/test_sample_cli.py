@@ -79,7 +79,8 @@ def test_inverse_task_mode(ckpt_path, tmp_path):
         assert os.path.getsize(tmp_path / f"inpaint_replacement_{key}.png") > 0
     assert "PSNR" in res.stdout
     summary = json.loads((tmp_path / "inpaint_replacement_metrics.json").read_text())
-    assert summary["split"] == "val" and summary["num_images"] == 4 and "HalfInpainting" in summary["operator"]
+    assert summary["split"] == "val" and summary["num_images"] == 4 and summary["checkpoint_step"] == 1
+    assert "HalfInpainting" in summary["operator"]
     assert summary["psnr_mean"] == pytest.approx(float(np.mean(summary["psnr"])))
     assert summary["ssim_mean"] == pytest.approx(float(np.mean(summary["ssim"])))
 
