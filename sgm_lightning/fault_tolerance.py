@@ -9,11 +9,13 @@ Preemption (``PreemptionCheckpoint``)
     where Lightning saves ``hpc_ckpt_<n>.ckpt`` *inside the signal handler* (possibly mid-step) and
     calls ``scontrol requeue``.
     We build on this: our SIGUSR1 handler (installed only when Lightning's SLURM requeue handler is
-    not active) just sets a flag; at the next step boundary (``on_train_batch_end``, flag reduced over
-    ranks so that all of them agree) the callback writes ``<checkpoints>/last.ckpt`` through the
-    trainer (atomically, see ``checkpoint.AtomicCheckpointIO``) and raises ``Preempted``. A SIGTERM
-    seen by Lightning's handler takes the same path; one that surfaces as Lightning's own
-    ``SIGTERMException`` is caught in ``on_exception`` and the checkpoint is written there.
+    not active) just sets a flag; so does our SIGTERM handler, which replaces Lightning's while
+    training runs (Lightning's runs a ``dist.broadcast`` inside the signal handler, which can
+    interleave with a DDP step's collectives and hang). At the next step boundary
+    (``on_train_batch_end``, flag OR-reduced over ranks so that all of them agree) the callback writes
+    ``<checkpoints>/last.ckpt`` through the trainer (atomically, see ``checkpoint.AtomicCheckpointIO``)
+    and raises ``Preempted``. A SIGTERM that surfaces as Lightning's own ``SIGTERMException`` (before
+    training starts) is caught in ``on_exception`` and the checkpoint is written there.
     ``run_cli`` (``validation.py``) turns both into exit code ``PREEMPTED_EXIT_CODE`` = 143
     (128 + SIGTERM, what a scheduler reports for a job ended by SIGTERM): the process ends cleanly,
     and a requeued job resumes with ``ckpt_path=last``.
@@ -92,10 +94,25 @@ class PreemptionCheckpoint(Callback):
         self._signal: Optional[str] = None
         self._saved = False
         self._previous_handler: Any = None
+        self._previous_sigterm: Any = None
 
     # -------------------------------------------------------------- signal plumbing
     def _on_sigusr1(self, signum, frame) -> None:  # runs in the signal handler: set a flag only
         self._signal = "SIGUSR1"
+
+    def _on_sigterm(self, signum, frame) -> None:  # runs in the signal handler: set a flag only
+        self._signal = "SIGTERM"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's SIGTERM handler (registered just before training) runs a dist.broadcast *inside*
+        # the signal handler; under DDP that collective can interleave with the step's collectives
+        # and hang. While training, a flag-only handler replaces it; the flag is OR-reduced over the
+        # ranks at the next step boundary (on_train_batch_end). Lightning's teardown restores the
+        # handlers that were installed before fit.
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: keep Lightning's handler
+            self._previous_sigterm = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._signal, self._saved = None, False
@@ -113,6 +130,12 @@ class PreemptionCheckpoint(Callback):
             except ValueError:
                 pass
             self._previous_handler = None
+        if self._previous_sigterm is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            except ValueError:
+                pass
+            self._previous_sigterm = None
 
     @property
     def ckpt_name(self) -> str:

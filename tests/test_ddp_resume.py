@@ -95,10 +95,14 @@ def _wait_for(path, proc, timeout):
     return True
 
 
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
+DDP2 = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, id="1proc"), pytest.param(2, id="ddp2", marks=pytest.mark.slow)])
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, world):
     run = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY, f"hydra.run.dir={run}", "trainer.max_steps=100000",
-           "callbacks.checkpoint.every_n_train_steps=2"]
+           "callbacks.checkpoint.every_n_train_steps=2", *(DDP2 if world == 2 else [])]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for(run / "checkpoints" / "last.ckpt", proc, 240), "training never wrote a checkpoint"
@@ -113,7 +117,8 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     step = ck["global_step"]
     assert 2 <= step < 100000
     assert sorted(n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")) == []
-    p = train(run, f"trainer.max_steps={step + 2}", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last")
+    p = train(run, f"trainer.max_steps={step + 2}", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last",
+              *(DDP2 if world == 2 else []), timeout=600)
     assert last(run)["global_step"] == step + 2, p.stdout[-2000:]
 
 
@@ -133,8 +138,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_train_checkpoint_resume_and_change_world_size(tmp_path):
     run = tmp_path / "ddp"
-    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-           "callbacks.checkpoint.every_n_train_steps=2"]
+    ddp = [*DDP2, "callbacks.checkpoint.every_n_train_steps=2"]
     train(run, *ddp, "trainer.max_steps=4", timeout=600)
     ck = last(run)
     assert ck["global_step"] == 4 and ck["ema"]["num_updates"] == 4
