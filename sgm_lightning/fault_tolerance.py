@@ -76,21 +76,26 @@ def _slurm_requeue_active(trainer: Trainer) -> bool:
 
 
 class PreemptionCheckpoint(Callback):
-    """Save ``last.ckpt`` at the next step boundary after SIGTERM / SIGUSR1, then exit with code 143.
+    """Save ``last.ckpt`` at the next step boundary after SIGTERM / SIGUSR1, then exit with code 143;
+    and save it when training ends (``max_steps`` reached between two periodic checkpoints), so that
+    ``last.ckpt`` always holds the final weights and ``ckpt_path=last`` never goes back in time.
 
     Args:
         dirpath: folder of the checkpoint (default: the ModelCheckpoint's ``dirpath``).
         filename: file name without ``.ckpt`` (default ``"last"``, what ``ckpt_path=last`` resumes).
         handle_sigusr1: install a flag-setting SIGUSR1 handler (SLURM's ``--signal=USR1@<sec>``
             warning) unless Lightning's SLURM auto-requeue handler owns the signal.
+        save_on_train_end: also write the checkpoint when ``fit`` finishes normally.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = "last", handle_sigusr1: bool = True):
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "last", handle_sigusr1: bool = True,
+                 save_on_train_end: bool = True):
         if not filename or filename.endswith(".ckpt"):
             raise ValueError(f"filename must be a non-empty name without '.ckpt', got {filename!r}")
         self.dirpath = dirpath
         self.filename = filename
         self.handle_sigusr1 = bool(handle_sigusr1)
+        self.save_on_train_end = bool(save_on_train_end)
         self._signal: Optional[str] = None
         self._saved = False
         self._previous_handler: Any = None
@@ -145,8 +150,7 @@ class PreemptionCheckpoint(Callback):
         path = os.path.join(_checkpoint_dir(trainer, self.dirpath), self.ckpt_name)
         trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
         self._saved = True
-        rank_zero_info(f"[sgm_lightning] {why}: saved {path} at global step {trainer.global_step}; "
-                       f"exiting with code {PREEMPTED_EXIT_CODE}. Resume with ckpt_path=last.")
+        rank_zero_info(f"[sgm_lightning] {why}: saved {path} at global step {trainer.global_step}.")
         return path
 
     # -------------------------------------------------------------- hooks
@@ -157,7 +161,24 @@ class PreemptionCheckpoint(Callback):
         if flag and not self._saved:
             why = f"received {self._signal or 'SIGTERM'}"
             path = self._save(trainer, why)
+            rank_zero_info(f"[sgm_lightning] exiting with code {PREEMPTED_EXIT_CODE}; resume with ckpt_path=last.")
             raise Preempted(f"{why}; checkpoint {path} written at global step {trainer.global_step}")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not reached after an exception (NaN stop, preemption): the last good checkpoint stays.
+        if self.save_on_train_end and not self._saved and trainer.global_step > 0 \
+                and not self._last_saved_by_model_checkpoint(trainer):
+            self._save(trainer, "training finished")
+
+    def _last_saved_by_model_checkpoint(self, trainer: Trainer) -> bool:
+        """True when a ModelCheckpoint already wrote this file at the current step (skip a second write)."""
+        folder = os.path.abspath(_checkpoint_dir(trainer, self.dirpath))
+        for cb in trainer.checkpoint_callbacks:
+            if (getattr(cb, "save_last", False) and cb.dirpath and os.path.abspath(cb.dirpath) == folder
+                    and getattr(cb, "CHECKPOINT_NAME_LAST", "last") == self.filename
+                    and getattr(cb, "_last_global_step_saved", -1) == trainer.global_step):
+                return True
+        return False
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and not isinstance(exception, Preempted) and not self._saved:

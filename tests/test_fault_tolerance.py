@@ -230,3 +230,15 @@ def test_signal_saves_last_at_step_boundary(tmp_path, sig):
     tr2 = _trainer(tmp_path / "r", max_steps=6, every=100)
     tr2.fit(Tiny(), _loader(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     assert tr2.global_step == 6
+
+
+@pytest.mark.parametrize("max_steps,expected_files", [(5, {"last.ckpt", "epoch=0-step=4.ckpt"}),
+                                                      (4, {"last.ckpt", "epoch=0-step=4.ckpt"})])
+def test_last_checkpoint_holds_the_final_step(tmp_path, max_steps, expected_files):
+    """max_steps between two periodic checkpoints: last.ckpt must still hold the final weights."""
+    module = Tiny()
+    _trainer(tmp_path, callbacks=[PreemptionCheckpoint()], max_steps=max_steps, every=4).fit(module, _loader())
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == max_steps
+    assert torch.equal(ckpt["state_dict"]["lin.weight"], module.lin.weight.detach())
+    assert set(os.listdir(tmp_path / "checkpoints")) == expected_files
