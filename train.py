@@ -84,6 +84,7 @@ def train(cfg: DictConfig):
     """Build data, SDE, network, loss, module, logger, callbacks and trainer from ``cfg``; fit."""
     import lightning as L
     import torch
+    from sgm_lightning.checkpoint import AtomicCheckpointIO
     from sgm_lightning.lit_module import ScoreLitModule
     from sgm_lightning.validation import validate_train_config
 
@@ -122,14 +123,8 @@ def train(cfg: DictConfig):
         if logger is None and cb["_target_"].endswith("LearningRateMonitor"):
             continue  # needs a logger
         callbacks.append(build(cb))
-    plugins = []
-    try:
-        from sgm_lightning.checkpoint import AtomicCheckpointIO
-        plugins.append(AtomicCheckpointIO())
-    except ImportError:
-        pass
     trainer = build(cfg.trainer, logger=logger if logger is not None else False,
-                          callbacks=callbacks, plugins=plugins)
+                    callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # write-then-rename checkpoints
     if trainer.is_global_zero:
         print(f"[train] run dir: {run_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -143,6 +143,10 @@ class ScoreLitModule(L.LightningModule):
         return loss
 
     def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        # Only on steps whose metrics reach the logger: finding the non-empty buckets syncs with the GPU.
+        connector = getattr(self._trainer, "_logger_connector", None)
+        if connector is not None and not getattr(connector, "should_update_logs", True):
+            return
         k = self.hparams.num_loss_buckets
         idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
         for b in torch.unique(idx).tolist():
