@@ -15,6 +15,10 @@ from typing import Mapping
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sgm_lightning.samplers import METHODS
+from sgm_lightning.utils import check_choice
 
 DEFAULT_SAMPLERS = {
     "pc": {"method": "pc", "steps": 100, "options": {}},
@@ -72,6 +76,7 @@ class SampleGridCallback(L.Callback):
         for name, spec in samplers.items():
             if not isinstance(spec, Mapping) or "method" not in spec:
                 raise ValueError(f"samplers[{name!r}] must be a mapping with a 'method' key, got {spec!r}")
+            check_choice(f"samplers[{name!r}].method", spec["method"], METHODS)  # fail at start-up, not at step N
         self.every_n_steps = int(every_n_steps)
         self.samplers = samplers
         self.num_samples = int(num_samples)
@@ -106,8 +111,15 @@ class SampleGridCallback(L.Callback):
             # class-conditional models: the classes cycle through the grid (0, 1, ..., K-1, 0, ...)
             k = getattr(pl_module, "num_classes", None)
             y = torch.arange(self.num_samples, device=pl_module.device) % k if k else None
-            res = pl_module.generate(self.num_samples, method=spec["method"], steps=spec.get("steps"),
-                                     generator=g, y=y, use_ema=self.use_ema, **dict(spec.get("options") or {}))
+            try:
+                res = pl_module.generate(self.num_samples, method=spec["method"], steps=spec.get("steps"),
+                                         generator=g, y=y, use_ema=self.use_ema, **dict(spec.get("options") or {}))
+            except (RuntimeError, AssertionError, FloatingPointError) as e:
+                # A numerical failure of one diagnostic sampler (e.g. an adaptive ODE solver's step-size
+                # underflow on a barely trained model) must not end a long training run: warn, go on.
+                rank_zero_warn(f"[sgm_lightning] sample grid {name!r} ({spec['method']}) failed at step {step}: {e}; "
+                               "training continues")
+                continue
             image = samples_to_image(res.samples, data_range=pl_module.hparams.data_range)
             path = os.path.join(out_dir, f"{name}_step{step}.png")
             save_image(image, path)

@@ -61,7 +61,15 @@ def ode(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int | None, e
 
     kwargs = {"rtol": rtol, "atol": atol} if not fixed else {}
     # torchdiffeq evaluates times in the state's dtype; keep the grid there.
-    path = torchdiffeq.odeint(func, x, times.to(x.dtype), method=solver, **kwargs)
+    try:
+        path = torchdiffeq.odeint(func, x, times.to(x.dtype), method=solver, **kwargs)
+    except AssertionError as e:  # torchdiffeq's adaptive step control: "underflow in dt ..."
+        if "underflow" not in str(e):
+            raise
+        raise RuntimeError(f"the adaptive ODE solver {solver!r} could not keep its step size above zero ({e}): "
+                           "the probability-flow drift is too stiff for rtol/atol (typical of a barely trained "
+                           "model near t = eps); use a fixed-grid solver (solver='rk4', steps=...), a larger eps, "
+                           "or looser rtol/atol") from e
     for i in range(1, n + 1):
         record(i - 1, times[i], path[i])
     x = path[-1]
