@@ -164,6 +164,9 @@ def validate_sample_config(cfg: Any) -> None:
     if _get(cfg, "ckpt_path") in (None, "", "null"):
         raise ConfigError("sample.py needs a checkpoint: pass ckpt_path=<run_dir>/checkpoints/last.ckpt "
                           "(or any .ckpt written by train.py)")
+    from sgm_lightning.samplers import METHODS
+    from sgm_lightning.utils import check_choice
+    check_choice("method", _get(cfg, "method", "pc"), METHODS)  # before the checkpoint is loaded
     steps = _get(cfg, "steps")
     if steps is not None:
         _positive_int("steps", steps)

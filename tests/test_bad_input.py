@@ -178,6 +178,12 @@ def test_unknown_sampler_method():
         sample(lambda x, t: -x, VPSDE(), (2, 3), method="foo", steps=4)
 
 
+def test_sample_cli_unknown_method_before_loading(tmp_path, capsys):
+    """sample.py names the bad method before it touches the (here missing) checkpoint."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={tmp_path / 'x.ckpt'}", "method=foo")
+    assert code == 2 and "method='foo' is not supported" in err and "'heun'" in err
+
+
 def test_unknown_sde_and_dataset_names_subprocess(tmp_path):
     for override, group in (("sde=foo", "sde"), ("data=nodata", "data")):
         p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), override, f"hydra.run.dir={tmp_path}"],
