@@ -331,7 +331,8 @@ class VPSDE(_VPFamily):
 
     dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, alpha(t) = exp(-1/2 int beta), sigma(t)^2 = 1 - alpha(t)^2.
     Its discrete view (``discrete_betas``) is DDPM's schedule: with the linear schedule,
-    beta_min=0.1, beta_max=20, N=1000 it is (to first order) Ho et al.'s 1e-4 ... 0.02.
+    beta_min=0.1, beta_max=20, N=1000 it is beta_i = 1 - exp(-beta(t_mid,i) / N) with t_mid,i = (i - 1/2) / N: Ho et
+    al.'s linear 1e-4 ... 0.02 to within 2.2e-4 (the exact discretization of the continuous process).
     """
 
     def marginal_coeffs(self, t):
