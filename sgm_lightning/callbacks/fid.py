@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from sgm_lightning.callbacks.metric_logging import log_evaluation
 from sgm_lightning.metrics.features import extractor_name
 from sgm_lightning.metrics.fid import (
     compute_seeded,
@@ -184,10 +185,7 @@ class FIDCallback(Callback):
 
     def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         out = self.evaluate(trainer, pl_module)
-        for name, value in out.items():
-            # the value is already reduced over ranks: log it everywhere (monitor works on each rank)
-            pl_module.log(f"{self.prefix}/{name}", value, on_step=on_step, on_epoch=not on_step,
-                          sync_dist=False, rank_zero_only=False, prog_bar=(name == self.key))
+        log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar=self.key)
         if trainer.is_global_zero:
             log.info("step %d: %s", trainer.global_step, out)
 

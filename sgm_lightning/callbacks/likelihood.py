@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 
+from sgm_lightning.callbacks.metric_logging import log_evaluation
 from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
 from sgm_lightning.metrics.reference import batch_images
 from sgm_lightning.utils import check_choice, num_dims
@@ -82,6 +83,20 @@ class LikelihoodCallback(Callback):
         self.history: list[tuple[int, float]] = []
         self._last_step = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fail at start-up, not at step N, when the split to evaluate has no data."""
+        dm = trainer.datamodule
+        if stage != "fit" or dm is None or not hasattr(dm, f"{self.split}_dataloader"):
+            return
+        try:
+            n = len(getattr(dm, f"{self.split}_dataloader")())
+        except TypeError:  # an iterable loader of unknown length
+            return
+        if n == 0:
+            raise ValueError(f"LikelihoodCallback(split={self.split!r}) has no data: the datamodule's {self.split} "
+                             "split is empty. Give the data a validation split (e.g. data.val_fraction=0.05) or "
+                             "evaluate another split (callbacks.likelihood.split=train)")
+
     def state_dict(self) -> dict:
         return {"history": list(self.history)}
 
@@ -107,9 +122,7 @@ class LikelihoodCallback(Callback):
 
     def _run_and_log(self, trainer, pl_module, on_step: bool) -> None:
         out = self.evaluate(trainer, pl_module)
-        for name, value in out.items():
-            pl_module.log(f"{self.prefix}/{name}", value, on_step=on_step, on_epoch=not on_step,
-                          sync_dist=False, rank_zero_only=False, prog_bar=(name == "bpd"))
+        log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar="bpd")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
