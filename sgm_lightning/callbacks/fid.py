@@ -15,10 +15,9 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from sgm_lightning.callbacks.metric_logging import log_evaluation
+from sgm_lightning.callbacks.metric_logging import PeriodicEvaluation
 from sgm_lightning.metrics.features import extractor_name
 from sgm_lightning.metrics.fid import (
     compute_seeded,
@@ -62,7 +61,7 @@ def shared_reference_statistics(trainer, extractor: nn.Module, data, dataset_id:
     return ref
 
 
-class FIDCallback(Callback):
+class FIDCallback(PeriodicEvaluation):
     """Fréchet distance (FID for the Inception extractor; Heusel et al. 2017) of model samples vs real data.
 
     Args:
@@ -108,6 +107,7 @@ class FIDCallback(Callback):
         self.reference_split, self.reference_num_samples = reference_split, reference_num_samples
         self.cache_dir, self.dataset_id, self.prefix = cache_dir, dataset_id, prefix
         self.key = metric_key(extractor, "fid")
+        self.prog_bar_key = self.key
         self.kid_key = metric_key(extractor, "kid")
         self.best: float | None = None
         self.history: list[tuple[int, float]] = []
@@ -182,24 +182,6 @@ class FIDCallback(Callback):
         out[f"{self.key}_best"] = self.best
         self.history.append((int(trainer.global_step), value))
         return out
-
-    def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
-        out = self.evaluate(trainer, pl_module)
-        log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar=self.key)
-        if trainer.is_global_zero:
-            log.info("step %d: %s", trainer.global_step, out)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
-        self._run_and_log(trainer, pl_module, on_step=True)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.at_validation or trainer.sanity_checking:
-            return
-        self._run_and_log(trainer, pl_module, on_step=False)
 
 
 __all__ = ["FIDCallback", "chunk_seeds", "shared_reference_statistics"]

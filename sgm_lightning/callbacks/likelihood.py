@@ -13,10 +13,9 @@ import itertools
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 
-from sgm_lightning.callbacks.metric_logging import log_evaluation
+from sgm_lightning.callbacks.metric_logging import PeriodicEvaluation
 from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
 from sgm_lightning.metrics.reference import batch_images
 from sgm_lightning.utils import check_choice, num_dims
@@ -48,7 +47,7 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
     return (total / n_dequant).detach(), nfe
 
 
-class LikelihoodCallback(Callback):
+class LikelihoodCallback(PeriodicEvaluation):
     """Logs ``<prefix>/bpd`` (and ``<prefix>/bpd_nfe``) of the ``split`` data every N steps and/or at validation end.
 
     Args:
@@ -79,6 +78,7 @@ class LikelihoodCallback(Callback):
         self.every_n_steps, self.at_validation = every_n_steps, bool(at_validation)
         self.num_batches, self.n_dequant, self.trace, self.split = int(num_batches), int(n_dequant), trace, split
         self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
+        self.prog_bar_key = "bpd"
         self.solver_options = dict(solver_options or {})
         self.history: list[tuple[int, float]] = []
         self._last_step = -1
@@ -119,21 +119,6 @@ class LikelihoodCallback(Callback):
         value = float(mean.compute())  # synced over ranks (every rank calls it)
         self.history.append((int(trainer.global_step), value))
         return {"bpd": value, "bpd_nfe": float(nfe)}
-
-    def _run_and_log(self, trainer, pl_module, on_step: bool) -> None:
-        out = self.evaluate(trainer, pl_module)
-        log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar="bpd")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
-        self._run_and_log(trainer, pl_module, on_step=True)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.at_validation and not trainer.sanity_checking:
-            self._run_and_log(trainer, pl_module, on_step=False)
 
 
 __all__ = ["LikelihoodCallback", "batch_bits_per_dim"]

@@ -1,11 +1,15 @@
-"""Logging of evaluation figures (FID, bits/dim) computed inside callbacks."""
+"""Periodic evaluation callbacks (FID, bits/dim): schedule and logging of their figures."""
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
 
 
 def log_evaluation(trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, values: Mapping[str, float],
@@ -30,3 +34,38 @@ def log_evaluation(trainer: L.Trainer, pl_module: L.LightningModule, prefix: str
         trainer.progress_bar_metrics[f"{prefix}/{prog_bar}"] = metrics[f"{prefix}/{prog_bar}"]
     for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
         logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class PeriodicEvaluation(Callback):
+    """Base of the evaluation callbacks: ``evaluate(trainer, pl_module) -> {name: value}`` runs every
+    ``every_n_steps`` optimizer steps (on every rank: evaluations are collective) and/or at the end of
+    each validation epoch, and its figures are logged as ``{prefix}/{name}`` by ``log_evaluation``.
+
+    Subclasses set ``every_n_steps`` (int or None), ``at_validation``, ``prefix`` and ``prog_bar_key``.
+    """
+
+    every_n_steps: int | None = None
+    at_validation: bool = False
+    prefix: str = "val"
+    prog_bar_key: str | None = None
+    _last_step: int = -1
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
+        out = self.evaluate(trainer, pl_module)
+        log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar=self.prog_bar_key)
+        if trainer.is_global_zero:
+            log.info("%s at step %d: %s", type(self).__name__, trainer.global_step, out)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self._run_and_log(trainer, pl_module, on_step=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.at_validation and not trainer.sanity_checking:
+            self._run_and_log(trainer, pl_module, on_step=False)
