@@ -36,6 +36,17 @@ def _reduce(err: torch.Tensor, reduce: str) -> torch.Tensor:
     return batch_dim_mean(err) if reduce == "mean" else batch_dim_sum(err)
 
 
+def _eps_error(sde: SDE, model, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
+               reduce: str, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perturb x_t = alpha(t) x0 + sigma(t) z with fresh z and return (|| eps_theta(x_t, t) - z ||^2 reduced
+    per example, t in x0's dtype). Coefficients are taken at ``t`` as given (float64 grids stay exact)."""
+    z = randn_like(x0, generator)
+    alpha, sigma = (c.to(x0.dtype) for c in sde.marginal_coeffs(t))
+    t = t.to(x0.dtype)
+    x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * z
+    return _reduce((model.outputs(x_t, t, **cond).eps - z) ** 2, reduce), t
+
+
 def _check_eps(eps: float, sde: SDE) -> float:
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
@@ -132,11 +143,8 @@ class DSMLoss:
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                  return_t: bool = False, **cond):
         t, is_factor = self.sample_t(x0, generator)
-        z = randn_like(x0, generator)
-        alpha, sigma = (c.to(x0.dtype) for c in self.sde.marginal_coeffs(t))
-        x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * z
-        eps_hat = model.outputs(x_t, t, **cond).eps
-        loss = self.snr_weight(t).to(x0.dtype) * is_factor * _reduce((eps_hat - z) ** 2, self.reduce)
+        err, t = _eps_error(self.sde, model, x0, t, generator, self.reduce, cond)
+        loss = self.snr_weight(t).to(x0.dtype) * is_factor * err
         return (loss, t) if return_t else loss
 
 
@@ -165,12 +173,7 @@ class DDPMLoss:
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                  return_t: bool = False, **cond):
         i = torch.randint(0, self.N, (x0.shape[0],), generator=generator, device=x0.device)
-        t = self._times.to(x0.device)[i]
-        z = randn_like(x0, generator)
-        alpha, sigma = (c.to(x0.dtype) for c in self.sde.marginal_coeffs(t))
-        t = t.to(x0.dtype)
-        x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * z
-        loss = _reduce((z - model.outputs(x_t, t, **cond).eps) ** 2, self.reduce)
+        loss, t = _eps_error(self.sde, model, x0, self._times.to(x0.device)[i], generator, self.reduce, cond)
         return (loss, t) if return_t else loss
 
 
@@ -218,12 +221,8 @@ class NCSNLoss:
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                  return_t: bool = False, **cond):
         i = torch.randint(0, self.num_scales, (x0.shape[0],), generator=generator, device=x0.device)
-        t = self.times.to(x0.device)[i]
-        z = randn_like(x0, generator)
-        alpha, sigma = (c.to(x0.dtype) for c in self.sde.marginal_coeffs(t))
-        t = t.to(x0.dtype)
-        x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * z
-        loss = 0.5 * _reduce((model.outputs(x_t, t, **cond).eps - z) ** 2, self.reduce)
+        err, t = _eps_error(self.sde, model, x0, self.times.to(x0.device)[i], generator, self.reduce, cond)
+        loss = 0.5 * err
         return (loss, t) if return_t else loss
 
 
