@@ -129,18 +129,14 @@ class PreemptionCheckpoint(Callback):
                 self._previous_handler = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
-            try:
-                signal.signal(signal.SIGUSR1, self._previous_handler)
-            except ValueError:
-                pass
-            self._previous_handler = None
-        if self._previous_sigterm is not None:
-            try:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
-            except ValueError:
-                pass
-            self._previous_sigterm = None
+        for sig, previous in ((getattr(signal, "SIGUSR1", None), self._previous_handler),
+                              (signal.SIGTERM, self._previous_sigterm)):
+            if sig is not None and previous is not None:
+                try:
+                    signal.signal(sig, previous)
+                except ValueError:  # not the main thread
+                    pass
+        self._previous_handler = self._previous_sigterm = None
 
     @property
     def ckpt_name(self) -> str:
