@@ -28,7 +28,7 @@ def to_images(x, data_range: str):
     """uint8 N x H x W x C images from samples in ``data_range`` (None for non-image data)."""
     import torch
 
-    from sgm_lightning.data.ranges import to_unit
+    from sgm_lightning.training.data.ranges import to_unit
     if x.ndim != 4:
         return None
     u = to_unit(x.detach().float().cpu(), data_range).clamp(0, 1)
@@ -41,10 +41,10 @@ def sample_main(cfg: DictConfig) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from sgm_lightning.callbacks.samples import samples_to_image
-    from sgm_lightning.lit_module import load_from_sgm_checkpoint
-    from sgm_lightning.validation import validate_sample_config
-    from sgm_lightning.viz import save_image
+    from sgm_lightning.training.callbacks.samples import samples_to_image
+    from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
+    from sgm_lightning.cli import validate_sample_config
+    from sgm_lightning.training.viz import save_image
 
     validate_sample_config(cfg)
     device = _device(cfg.device)
@@ -116,7 +116,7 @@ def _stored_datamodule(module, cfg):
 
 def _checkpoint_step(path: str) -> int | None:
     """The training step (``global_step``) stored in the checkpoint file, recorded with the figures."""
-    from sgm_lightning.checkpoint import load_checkpoint
+    from sgm_lightning.training.checkpoint import load_checkpoint
     step = load_checkpoint(str(path), map_location="cpu").get("global_step")
     return None if step is None else int(step)
 
@@ -125,7 +125,7 @@ def _evaluate(cfg, module, out_dir: str, options: dict) -> dict:
     """``eval.fid=true``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md)."""
     from hydra.utils import instantiate
 
-    from sgm_lightning.evaluation import evaluate
+    from sgm_lightning.evaluation.run import evaluate
     m = cfg.metrics
     result = evaluate(module, _stored_datamodule(module, cfg), num_samples=int(cfg.eval.num_samples),
                       method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=int(cfg.batch_size or 250),
@@ -149,9 +149,9 @@ def _inverse_task(cfg, module, out_dir: str, device) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from sgm_lightning.inverse.tasks import make_task_grid, run_inverse_task
-    from sgm_lightning.viz import save_image
-    from sgm_lightning.callbacks.samples import samples_to_image
+    from sgm_lightning.evaluation.inverse_tasks import make_task_grid, run_inverse_task
+    from sgm_lightning.training.viz import save_image
+    from sgm_lightning.training.callbacks.samples import samples_to_image
     dm = _stored_datamodule(module, cfg)
     dm.setup("fit")
     split = "val" if getattr(dm, "val_dataset", None) is not None and len(dm.val_dataset) > 0 else "train"
@@ -196,7 +196,7 @@ def num_samples_per_row(cfg) -> int:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from sgm_lightning.validation import run_cli
+    from sgm_lightning.cli import run_cli
     run_cli(sample_main)(cfg)
 
 

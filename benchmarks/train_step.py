@@ -39,7 +39,7 @@ def build_module(config: str, seed: int):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sgm_lightning.lit_module import ScoreLitModule
+    from sgm_lightning.training.lit_module import ScoreLitModule
     from sgm_lightning.losses import DSMLoss
     from sgm_lightning.sde import VPSDE
 
@@ -75,7 +75,7 @@ def _prepare(module, args):
 def run_lightning(template, shape, args) -> float:
     import lightning as L
 
-    from sgm_lightning.callbacks.ema import EMACallback
+    from sgm_lightning.training.callbacks.ema import EMACallback
 
     module = _prepare(copy.deepcopy(template), args)
     times: list[float] = []

@@ -1,4 +1,4 @@
-"""``sample``: one entry point for every sampler (DESIGN.md section 2).
+"""``sample``: one entry point for every sampler (the public sampling API).
 
     result = sample(score_fn, sde, shape, method, steps=None, generator=None, **options)
     result.samples  # tensor of ``shape``

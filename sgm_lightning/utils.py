@@ -1,4 +1,4 @@
-"""Shared tensor utilities (the one helper module of the math layer; DESIGN.md section 4.3)."""
+"""Shared tensor utilities (the one helper module of the math layer: one formula, one place)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from sgm_lightning.checkpoint import atomic_save
-from sgm_lightning.validation import (ConfigError, check_batch_vs_world, check_data_vs_net, check_num_samples,
+from sgm_lightning.training.checkpoint import atomic_save
+from sgm_lightning.cli import (ConfigError, check_batch_vs_world, check_data_vs_net, check_num_samples,
                                       run_cli)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_dataset_path_without_images(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    code, err = run_train(tmp_path, capsys, "data._target_=sgm_lightning.data.hub.HFImageDataModule",
+    code, err = run_train(tmp_path, capsys, "data._target_=sgm_lightning.training.data.hub.HFImageDataModule",
                           "+data.name=imagefolder", f"+data.root={empty}", "~data.val_fraction")
     assert code == 2 and "no image files" in err and str(empty) in err
 

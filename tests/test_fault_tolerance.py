@@ -14,9 +14,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sgm_lightning.checkpoint import (AtomicCheckpointIO, CheckpointError, atomic_save, check_compatible,
+from sgm_lightning.training.checkpoint import (AtomicCheckpointIO, CheckpointError, atomic_save, check_compatible,
                                       config_differences, load_checkpoint, to_plain)
-from sgm_lightning.fault_tolerance import (PREEMPTED_EXIT_CODE, InjectNaN, NaNGuard, NonFiniteError, Preempted,
+from sgm_lightning.training.fault_tolerance import (PREEMPTED_EXIT_CODE, InjectNaN, NaNGuard, NonFiniteError, Preempted,
                                            PreemptionCheckpoint)
 
 
@@ -82,7 +82,7 @@ def test_kill9_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     """A child process writes last.ckpt once, then starts a slow second save and is SIGKILLed mid-write."""
     script = textwrap.dedent(f"""
         import sys, time, torch
-        from sgm_lightning.checkpoint import atomic_save
+        from sgm_lightning.training.checkpoint import atomic_save
         p = {str(tmp_path / 'last.ckpt')!r}
         atomic_save({{"state_dict": {{"w": torch.full((1000,), 1.0)}}}}, p)
         def slow(obj, f):

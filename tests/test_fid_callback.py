@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from sgm_lightning.callbacks.fid import FIDCallback, chunk_seeds
-from sgm_lightning.metrics.features import IdentityFeatures, RandomProjectionFeatures
+from sgm_lightning.evaluation.fid_callback import FIDCallback, chunk_seeds
+from sgm_lightning.evaluation.features import IdentityFeatures, RandomProjectionFeatures
 
 SHAPE = (1, 4, 4)
 # generated std per evaluation (one evaluation every 2 steps); real data has std 0.3, so the
@@ -183,7 +183,7 @@ class ExactScoreModule(StubModule):
 
 def test_likelihood_callback_logs_exact_bits_per_dim(tmp_path):
     pytest.importorskip("sgm_lightning.likelihood")
-    from sgm_lightning.callbacks.likelihood import LikelihoodCallback
+    from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
     from sgm_lightning.likelihood import bits_per_dim, dequantize
     cb = LikelihoodCallback(every_n_steps=2, num_batches=2, trace="exact", seed=4,
                             solver_options={"eps": 1e-5, "rtol": 1e-4, "atol": 1e-4})
@@ -206,7 +206,7 @@ def test_evaluate_writes_npz_and_matches_the_callback(tmp_path):
 
     import numpy as np
 
-    from sgm_lightning.evaluation import evaluate
+    from sgm_lightning.evaluation.run import evaluate
     ext = RandomProjectionFeatures(SHAPE, dim=8, seed=0)
     res = evaluate(StubModule(), ToyData(), num_samples=64, method="ode", steps=5, seed=0, batch_size=16,
                    extractor=ext, kid=True, kid_subset_size=32, use_ema=True, out_dir=str(tmp_path / "eval"),

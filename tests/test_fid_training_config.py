@@ -9,7 +9,7 @@ import os
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from sgm_lightning.metrics.fid import metric_key
+from sgm_lightning.evaluation.fid import metric_key
 from tests.test_train import ROOT, TINY, run_script
 
 

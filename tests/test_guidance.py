@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.guidance import cfg_score_fn, classifier_guidance_score_fn
-from sgm_lightning.lit_classifier import NoisyClassifierModule
+from sgm_lightning.training.lit_classifier import NoisyClassifierModule
 from sgm_lightning.nets.classifier import MLPClassifier
 from sgm_lightning.sampling import sample
 from sgm_lightning.sde import VPSDE

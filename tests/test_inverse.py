@@ -7,8 +7,9 @@ from torch import nn
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.inverse import (AvgPoolDownsample, BoxInpainting, GaussianBlur, Grayscale, HalfInpainting,
-                                   Inpainting, MatrixOperator, RandomInpainting, dps_sample, make_task_grid,
-                                   repaint_sample, repaint_schedule, replacement_sample, run_inverse_task)
+                                   Inpainting, MatrixOperator, RandomInpainting, dps_sample,
+                                   repaint_sample, repaint_schedule, replacement_sample)
+from sgm_lightning.evaluation.inverse_tasks import image_metrics, make_task_grid, run_inverse_task
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import VESDE, VPSDE
 
@@ -241,7 +242,6 @@ def test_run_inverse_task(task, method, opts):
         assert torch.equal(res["reconstruction"][..., :4], images[..., :4])
     res2 = run_inverse_task(model, sde, images, "inpaint", "replacement", steps=2)
     perfect = dict(res2, reconstruction=images)
-    from sgm_lightning.inverse.tasks import image_metrics
     psnr, ssim = image_metrics(images, images)
     assert torch.isinf(psnr).all() or (psnr > 100).all()
     torch.testing.assert_close(ssim, torch.ones(2))

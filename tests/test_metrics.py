@@ -14,15 +14,15 @@ import scipy.linalg
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from sgm_lightning.metrics import features as feat_mod
-from sgm_lightning.metrics.features import (
+from sgm_lightning.evaluation import features as feat_mod
+from sgm_lightning.evaluation.features import (
     IdentityFeatures,
     InceptionV3Features,
     InceptionWeightsNotFoundError,
     RandomProjectionFeatures,
     resize_bilinear_tf1,
 )
-from sgm_lightning.metrics.fid import (
+from sgm_lightning.evaluation.fid import (
     compute_seeded,
     fake_statistics,
     load_reference_features,
@@ -32,7 +32,7 @@ from sgm_lightning.metrics.fid import (
     metric_key,
     real_statistics,
 )
-from sgm_lightning.metrics.reference import reference_statistics
+from sgm_lightning.evaluation.reference import reference_statistics
 
 
 def closed_form_fd(a: np.ndarray, b: np.ndarray) -> float:

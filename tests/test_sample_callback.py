@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sgm_lightning.analytic import GaussianMixture
-from sgm_lightning.callbacks.samples import SampleGridCallback
+from sgm_lightning.training.callbacks.samples import SampleGridCallback
 from sgm_lightning.samplers.common import SampleResult
 from sgm_lightning.sampling import sample
 from sgm_lightning.sde import VPSDE

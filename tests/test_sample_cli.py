@@ -18,7 +18,7 @@ NET = {"_target_": "sgm_lightning.nets.unet.UNet", "in_channels": 1, "image_size
        "num_groups": 4}
 SDE = {"_target_": "sgm_lightning.sde.VPSDE", "beta_min": 0.1, "beta_max": 20.0, "N": 1000}
 LOSS = {"_target_": "sgm_lightning.losses.DSMLoss", "weighting": "sigma2"}
-DATA = {"_target_": "sgm_lightning.data.embedded.DigitsDataModule", "image_size": 8, "batch_size": 16,
+DATA = {"_target_": "sgm_lightning.training.data.embedded.DigitsDataModule", "image_size": 8, "batch_size": 16,
         "seed": 0, "val_fraction": 0.0}
 
 
@@ -27,7 +27,7 @@ def ckpt_path(tmp_path_factory):
     """A checkpoint with the layout train.py writes: state dict, hparams, sgm_config, EMA."""
     from hydra.utils import instantiate
 
-    from sgm_lightning.lit_module import ScoreLitModule
+    from sgm_lightning.training.lit_module import ScoreLitModule
     sde = instantiate(SDE)
     torch.manual_seed(0)
     config = {"net": NET, "sde": SDE, "loss": LOSS, "data": DATA}

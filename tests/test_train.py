@@ -130,7 +130,7 @@ def test_bad_config_is_one_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- in-process unit tests
 def _tiny_module(**kw):
-    from sgm_lightning.lit_module import ScoreLitModule
+    from sgm_lightning.training.lit_module import ScoreLitModule
     from sgm_lightning.losses import DSMLoss
     from sgm_lightning.nets.mlp import MLPScoreNet
     from sgm_lightning.sde import VPSDE
@@ -144,7 +144,7 @@ def test_ema_callback_matches_closed_form():
     """Without warm-up, two updates give shadow = d (d p0 + (1-d) p1) + (1-d) p2 exactly."""
     from types import SimpleNamespace
 
-    from sgm_lightning.callbacks import EMACallback
+    from sgm_lightning.training.callbacks import EMACallback
     d = 0.9
     module = _tiny_module(ema_decay=d, ema_warmup=False)
     cb = EMACallback(decay=d, warmup=False)
@@ -193,7 +193,7 @@ def test_bad_module_arguments_raise():
 
 
 def test_load_from_sgm_checkpoint_rebuilds_model(trained):
-    from sgm_lightning.lit_module import load_from_sgm_checkpoint
+    from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
     path = os.path.join(trained["run_dir"], "checkpoints", "last.ckpt")
     module = load_from_sgm_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
@@ -212,7 +212,7 @@ def test_load_from_sgm_checkpoint_rebuilds_model(trained):
 def test_wandb_offline_decision_and_run_id(tmp_path, monkeypatch):
     import time
 
-    from sgm_lightning import logging_utils as lu
+    from sgm_lightning.training import loggers as lu
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no netrc entry
     monkeypatch.delenv("WANDB_MODE", raising=False)

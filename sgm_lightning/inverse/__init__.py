@@ -1,8 +1,7 @@
 """Inverse problems with score-based priors: measurement operators and posterior samplers.
 
-``operators`` and ``solvers`` are math-layer modules; ``tasks`` (image restoration with PSNR/SSIM
-from torchmetrics) is loaded lazily on first access to ``run_inverse_task`` / ``make_task_grid``,
-so importing this package pulls in nothing beyond torch.
+``operators`` (A, A^T, pseudo-inverse) and ``solvers`` (DPS, replacement, RePaint) import only torch.
+Image-restoration runs with PSNR/SSIM live in ``sgm_lightning.evaluation.inverse_tasks``.
 """
 
 from sgm_lightning.inverse.operators import (AvgPoolDownsample, BoxInpainting, GaussianBlur, Grayscale,
@@ -12,12 +11,5 @@ from sgm_lightning.inverse.solvers import dps_sample, repaint_sample, repaint_sc
 
 __all__ = ["LinearOperator", "Inpainting", "BoxInpainting", "RandomInpainting", "HalfInpainting", "Grayscale",
            "AvgPoolDownsample", "GaussianBlur", "MatrixOperator", "dps_sample", "replacement_sample",
-           "repaint_sample", "repaint_schedule", "run_inverse_task", "make_task_grid"]
+           "repaint_sample", "repaint_schedule"]
 
-
-def __getattr__(name):
-    if name in ("run_inverse_task", "make_task_grid", "make_operator", "image_metrics"):
-        from sgm_lightning.inverse import tasks
-
-        return getattr(tasks, name)
-    raise AttributeError(f"module 'sgm_lightning.inverse' has no attribute {name!r}")

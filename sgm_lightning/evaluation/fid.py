@@ -28,7 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from sgm_lightning.metrics.features import extractor_name, is_inception
+from sgm_lightning.evaluation.features import extractor_name, is_inception
 
 _PREFIXES = {"fid": ("fid", "fd"), "kid": ("kid", "kd"), "is": ("is", "is")}
 

@@ -1,6 +1,6 @@
 """LightningDataModules: embedded digits, 2-D toys, Hugging Face datasets / image folders, any Dataset.
 
-Classes are imported on first access (PEP 562), so ``import sgm_lightning.data.ranges`` stays light.
+Classes are imported on first access (PEP 562), so ``import sgm_lightning.training.data.ranges`` stays light.
 """
 
 from importlib import import_module

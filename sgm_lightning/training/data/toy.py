@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from sgm_lightning.analytic import GaussianMixture
-from sgm_lightning.data.base import NO_LABEL, BaseDataModule, LabelledTensorDataset
+from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, LabelledTensorDataset
 
 TOY_NAMES = ("gaussian_mixture", "two_moons", "swiss_roll", "checkerboard", "rings")
 
@@ -77,7 +77,7 @@ class ToyDataModule(BaseDataModule):
         weights: mixture weights (K,) of ``gaussian_mixture`` (default: uniform).
         means: (K, D) component means of ``gaussian_mixture`` (default: 8 points on a circle of radius 2).
         std: component standard deviation, a scalar or (K,) values (isotropic components).
-        batch_size, ...: see :class:`~sgm_lightning.data.base.BaseDataModule`.
+        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(

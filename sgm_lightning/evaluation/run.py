@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sgm_lightning.callbacks.fid import chunk_seeds, shared_reference_statistics
-from sgm_lightning.callbacks.likelihood import batch_bits_per_dim
-from sgm_lightning.metrics.features import extractor_name
-from sgm_lightning.metrics.fid import (
+from sgm_lightning.evaluation.fid_callback import chunk_seeds, shared_reference_statistics
+from sgm_lightning.evaluation.likelihood_callback import batch_bits_per_dim
+from sgm_lightning.evaluation.features import extractor_name
+from sgm_lightning.evaluation.fid import (
     compute_seeded,
     load_reference_features,
     load_reference_statistics,
@@ -33,7 +33,7 @@ from sgm_lightning.metrics.fid import (
     make_kid_metric,
     metric_key,
 )
-from sgm_lightning.metrics.reference import batch_images
+from sgm_lightning.evaluation.reference import batch_images
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -199,10 +199,40 @@ def is_sgm_checkpoint(ckpt: Mapping) -> bool:
     return isinstance(ckpt.get(CONFIG_KEY), Mapping)
 
 
+# ``_target_`` prefixes of components that moved when the package was split into layers
+# (checkpoints written before the move store the old paths in their run config).
+MOVED_TARGETS = {
+    "sgm_lightning.data.": "sgm_lightning.training.data.",
+    "sgm_lightning.callbacks.fid.": "sgm_lightning.evaluation.fid_callback.",
+    "sgm_lightning.callbacks.likelihood.": "sgm_lightning.evaluation.likelihood_callback.",
+    "sgm_lightning.callbacks.": "sgm_lightning.training.callbacks.",
+    "sgm_lightning.metrics.": "sgm_lightning.evaluation.",
+    "sgm_lightning.logging_utils.": "sgm_lightning.training.loggers.",
+    "sgm_lightning.fault_tolerance.": "sgm_lightning.training.fault_tolerance.",
+}
+
+
+def _current_targets(node: Any) -> Any:
+    """``node`` with every ``_target_`` of a moved component rewritten to its current path."""
+    if isinstance(node, Mapping):
+        out = {k: _current_targets(v) for k, v in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for old, new in MOVED_TARGETS.items():
+                if target.startswith(old):
+                    out["_target_"] = new + target[len(old):]
+                    break
+        return out
+    if isinstance(node, list):
+        return [_current_targets(v) for v in node]
+    return node
+
+
 def stored_config(ckpt: Mapping) -> dict:
-    """The run config stored in a sgm_lightning checkpoint (empty dict when absent)."""
+    """The run config stored in a sgm_lightning checkpoint (empty dict when absent), with the
+    ``_target_`` paths of moved components updated (``MOVED_TARGETS``)."""
     cfg = ckpt.get(CONFIG_KEY)
-    return dict(cfg) if isinstance(cfg, Mapping) else {}
+    return _current_targets(dict(cfg)) if isinstance(cfg, Mapping) else {}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -34,7 +34,7 @@ def samples_to_image(x: torch.Tensor, data_range: str = "[-1,1]", nrow: int | No
     Small grids (e.g. of 8x8 digits) are enlarged by an integer factor (nearest neighbour) to at
     least ``min_size`` pixels so that they are readable.
     """
-    from sgm_lightning import viz
+    from sgm_lightning.training import viz
     x = x.detach().float().cpu()
     if x.ndim == 2:
         return viz.scatter_image(x)
@@ -102,7 +102,7 @@ class SampleGridCallback(L.Callback):
         self._done_step = step
         if not trainer.is_global_zero:
             return {}
-        from sgm_lightning.viz import save_image
+        from sgm_lightning.training.viz import save_image
         out_dir = self.out_dir or os.path.join(trainer.default_root_dir, "samples")
         os.makedirs(out_dir, exist_ok=True)
         for name, spec in self.samplers.items():

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sgm_lightning.data.base import NO_LABEL, BaseDataModule, split_indices
-from sgm_lightning.data.ranges import check_data_range, from_unit, to_unit
+from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, split_indices
+from sgm_lightning.training.data.ranges import check_data_range, from_unit, to_unit
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class HFImageDataModule(BaseDataModule):
         random_flip: random horizontal flips of training images.
         center_crop: crop the central square before resizing (default: the alias's setting, else False).
         cache_dir: Hugging Face cache directory (default: ``root`` for Hub ids, else the HF default).
-        batch_size, ...: see :class:`~sgm_lightning.data.base.BaseDataModule`.
+        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(
@@ -308,7 +308,7 @@ class MapDataModule(BaseDataModule):
         num_classes: number of classes (None: unconditional / unknown).
         dataset_id: cache key for reference statistics (default: the dataset's class name and shape).
         input_range: range of tensor items, "[0,1]" (torchvision ToTensor) or "[-1,1]"; None: keep as is.
-        batch_size, ...: see :class:`~sgm_lightning.data.base.BaseDataModule`.
+        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from sgm_lightning.callbacks.metric_logging import PeriodicEvaluation
-from sgm_lightning.metrics.features import extractor_name
-from sgm_lightning.metrics.fid import (
+from sgm_lightning.evaluation.periodic import PeriodicEvaluation
+from sgm_lightning.evaluation.features import extractor_name
+from sgm_lightning.evaluation.fid import (
     compute_seeded,
     load_reference_features,
     load_reference_statistics,
@@ -27,7 +27,7 @@ from sgm_lightning.metrics.fid import (
     make_kid_metric,
     metric_key,
 )
-from sgm_lightning.metrics.reference import reference_statistics
+from sgm_lightning.evaluation.reference import reference_statistics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class FIDCallback(PeriodicEvaluation):
     """Fréchet distance (FID for the Inception extractor; Heusel et al. 2017) of model samples vs real data.
 
     Args:
-        extractor: feature network (``sgm_lightning.metrics.features``; any module with ``name`` and
+        extractor: feature network (``sgm_lightning.evaluation.features``; any module with ``name`` and
             ``num_features``).
         every_n_steps: evaluate after every N optimizer steps (None: never on steps).
         at_validation: also evaluate at the end of each validation epoch (not in the sanity check).

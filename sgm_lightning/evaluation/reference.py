@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sgm_lightning.metrics.features import extractor_name
-from sgm_lightning.metrics.fid import make_fid_metric, real_statistics
+from sgm_lightning.evaluation.features import extractor_name
+from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
 
 log = logging.getLogger(__name__)
 

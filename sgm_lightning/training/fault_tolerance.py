@@ -16,7 +16,7 @@ Preemption (``PreemptionCheckpoint``)
     ``<checkpoints>/last.ckpt`` through the trainer (atomically, see ``checkpoint.AtomicCheckpointIO``)
     and raises ``Preempted``. A SIGTERM that surfaces as Lightning's own ``SIGTERMException`` (before
     training starts) is caught in ``on_exception`` and the checkpoint is written there.
-    ``run_cli`` (``validation.py``) turns both into exit code ``PREEMPTED_EXIT_CODE`` = 143
+    ``run_cli`` (``sgm_lightning/cli.py``) turns both into exit code ``PREEMPTED_EXIT_CODE`` = 143
     (128 + SIGTERM, what a scheduler reports for a job ended by SIGTERM): the process ends cleanly,
     and a requeued job resumes with ``ckpt_path=last``.
 
@@ -253,7 +253,7 @@ class NaNGuard(Callback):
 class InjectNaN(Callback):
     """Test hook: multiply the loss by NaN at global step ``at_step`` (exercise ``NaNGuard``).
 
-    Add it from the command line, e.g. ``+callbacks.inject_nan._target_=sgm_lightning.fault_tolerance.InjectNaN
+    Add it from the command line, e.g. ``+callbacks.inject_nan._target_=sgm_lightning.training.fault_tolerance.InjectNaN
     +callbacks.inject_nan.at_step=3``.
     """
 

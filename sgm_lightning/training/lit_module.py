@@ -1,4 +1,4 @@
-"""``ScoreLitModule``: the Lightning wiring of a score-based generative model (DESIGN.md section 3).
+"""``ScoreLitModule``: the Lightning wiring of a score-based generative model.
 
 The module only wires the pieces together: the network is wrapped in a ``ScoreModel`` (the
 parametrization turns its output into score / eps / x0, Song et al. 2021, Eq. 7), the loss callable
@@ -47,7 +47,7 @@ class ScoreLitModule(L.LightningModule):
         loss: callable ``loss(model, x0, generator=None, return_t=False, **cond)`` -> (B,) or ((B,), t).
         prediction, label: parametrization of ``ScoreModel`` (see ``parametrization.py``).
         data_shape: shape of one example (C, H, W) or (D,), used by ``generate``.
-        data_range: range of the data, "[-1,1]" or "[0,1]" (see ``data/ranges.py``).
+        data_range: range of the data, "[-1,1]" or "[0,1]" (see ``training/data/ranges.py``).
         optimizer: "adam" or "adamw"; lr, betas, eps, weight_decay are its hyperparameters.
         warmup_steps: linear learning-rate warm-up (Song et al. 2021, App. H: 5000 steps).
         ema_decay: decay of the exponential moving average of the weights (0 disables EMA).
@@ -290,7 +290,7 @@ def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu"
     """
     from hydra.utils import instantiate
 
-    from sgm_lightning.checkpoint import load_checkpoint, stored_config
+    from sgm_lightning.training.checkpoint import load_checkpoint, stored_config
     ckpt = load_checkpoint(path, map_location=map_location, require_sgm=True)  # weights_only=True
     cfg = stored_config(ckpt)
     if not all(k in cfg for k in ("net", "sde", "loss")):
@@ -300,6 +300,8 @@ def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu"
     net = instantiate(cfg["net"])
     loss = instantiate(cfg["loss"], sde=sde)
     hp = dict(ckpt["hyper_parameters"])
+    if hp.get("config") is not None:
+        hp["config"] = cfg
     module = ScoreLitModule(net=net, sde=sde, loss=loss, **hp)
     module.load_state_dict(ckpt["state_dict"])
     if module.ema is not None and ckpt.get("ema") is not None:

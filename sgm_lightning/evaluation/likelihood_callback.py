@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from sgm_lightning.callbacks.metric_logging import PeriodicEvaluation
+from sgm_lightning.evaluation.periodic import PeriodicEvaluation
 from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
-from sgm_lightning.metrics.reference import batch_images
+from sgm_lightning.evaluation.reference import batch_images
 from sgm_lightning.utils import check_choice, num_dims
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from sgm_lightning.data.ranges import to_unit
+from sgm_lightning.training.data.ranges import to_unit
 
 
 def to_uint8(x: torch.Tensor, data_range: str = "[-1,1]") -> torch.Tensor:

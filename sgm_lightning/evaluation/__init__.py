@@ -1,6 +1,6 @@
 """Sample-quality metrics: feature extractors, torchmetrics FID/KID/IS adapters, reference-statistics cache."""
 
-from sgm_lightning.metrics.features import (
+from sgm_lightning.evaluation.features import (
     IdentityFeatures,
     InceptionV3Features,
     InceptionWeightsNotFoundError,
@@ -8,7 +8,7 @@ from sgm_lightning.metrics.features import (
     find_inception_weights,
     verify_weights,
 )
-from sgm_lightning.metrics.fid import (
+from sgm_lightning.evaluation.fid import (
     load_reference_features,
     load_reference_statistics,
     make_fid_metric,
@@ -16,7 +16,7 @@ from sgm_lightning.metrics.fid import (
     make_kid_metric,
     metric_key,
 )
-from sgm_lightning.metrics.reference import ReferenceStats, default_cache_dir, reference_key, reference_statistics
+from sgm_lightning.evaluation.reference import ReferenceStats, default_cache_dir, reference_key, reference_statistics
 
 __all__ = [
     "IdentityFeatures", "InceptionV3Features", "InceptionWeightsNotFoundError", "RandomProjectionFeatures",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sgm_lightning.data.base import BaseDataModule, LabelledTensorDataset
-from sgm_lightning.data.ranges import from_unit
+from sgm_lightning.training.data.base import BaseDataModule, LabelledTensorDataset
+from sgm_lightning.training.data.ranges import from_unit
 
 
 def resize_images(x01: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ class DigitsDataModule(BaseDataModule):
     Args:
         image_size: side of the square images (8 = native).
         batch_size, num_workers, pin_memory, persistent_workers, seed, val_fraction, data_range,
-        val_batch_size: see :class:`~sgm_lightning.data.base.BaseDataModule`.
+        val_batch_size: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class MNISTEmbeddedDataModule(BaseDataModule):
 
     Args:
         image_size: side of the square images (28 = native; 32 suits U-Nets with 3 downsamplings).
-        batch_size, ...: see :class:`~sgm_lightning.data.base.BaseDataModule`.
+        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ Every DataModule of the package derives from :class:`BaseDataModule`. Batches ar
 
 Batch size semantics: ``batch_size`` is the GLOBAL batch size; each of the ``world_size`` ranks loads
 ``batch_size // world_size`` examples per step (ValueError when it does not divide). Training batches
-come from :class:`~sgm_lightning.data.sampler.ResumableBatchSampler`, which shards each global
+come from :class:`~sgm_lightning.training.data.sampler.ResumableBatchSampler`, which shards each global
 batch over the ranks itself, so Lightning's distributed-sampler injection is switched off for the
 loaders built here (``Trainer(use_distributed_sampler=False)`` does the same explicitly).
 
@@ -29,8 +29,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sgm_lightning.data.ranges import check_data_range
-from sgm_lightning.data.sampler import ResumableBatchSampler
+from sgm_lightning.training.data.ranges import check_data_range
+from sgm_lightning.training.data.sampler import ResumableBatchSampler
 
 log = logging.getLogger(__name__)
 

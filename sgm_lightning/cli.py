@@ -8,6 +8,9 @@ Bad inputs are reported as one clear paragraph, never as a bare traceback:
   single constructor can do (data shape vs. network channels / image size, global batch size vs.
   world size, number of samples vs. batch size, checkpoint vs. current config) and raise
   ``ConfigError``;
+* ``net_config``, ``build``, ``resolve_checkpoint`` and ``inherit_wandb_id`` are the entry points'
+  shared steps (fill data-dependent network fields, instantiate with clear errors, resolve
+  ``ckpt_path=last``, continue a resumed run's W&B run);
 * ``run_cli`` wraps ``main`` of ``train.py`` / ``sample.py``: our errors (``ConfigError``,
   ``ValueError``, ``FileNotFoundError``, ``CheckpointError``, ``NonFiniteError``) are printed as
   ``Error: <message>`` on stderr with exit code 2 (full traceback with ``SGM_DEBUG=1`` or
@@ -21,8 +24,8 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from sgm_lightning.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from sgm_lightning.fault_tolerance import PREEMPTED_EXIT_CODE, NonFiniteError
+from sgm_lightning.training.checkpoint import CheckpointError, check_compatible, load_checkpoint, to_plain
+from sgm_lightning.training.fault_tolerance import PREEMPTED_EXIT_CODE, NonFiniteError
 
 USAGE_EXIT_CODE = 2
 
@@ -47,12 +50,9 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _to_plain(cfg: Any) -> Any:
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
+def plain(cfg: Any) -> dict:
+    """A config node as a plain dict (resolved); ``None`` -> ``{}``."""
+    return dict(to_plain(cfg) or {})
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -107,16 +107,30 @@ def check_num_samples(num_samples: int, batch_size: Optional[int] = None, world_
                           f"(each rank draws num_samples/world_size); use a multiple of {world_size}.")
 
 
-def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], must_exist: bool = False) -> Optional[str]:
-    """``"last"`` -> ``<run_dir>/checkpoints/last.ckpt`` (None when it does not exist and not ``must_exist``)."""
+def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], current: Optional[Mapping] = None,
+                      verbose: bool = True) -> Optional[str]:
+    """The checkpoint a run starts from, checked: None for a fresh start.
+
+    ``null`` -> None; ``"last"`` -> ``<run_dir>/checkpoints/last.ckpt``, or None (a fresh start, so a
+    requeued job can always pass it) when there is none yet; any other value is a file path. The file
+    is loaded once to give a clear error when it is missing, corrupt, not ours, or (``current``)
+    written for another network / SDE config.
+    """
     if ckpt_path in (None, "", "null", "None"):
         return None
     if ckpt_path == "last":
         if not run_dir:
             raise ConfigError("ckpt_path=last needs the run dir (hydra.run.dir=<dir of the run to resume>)")
         path = os.path.join(str(run_dir), "checkpoints", "last.ckpt")
-        return path if (must_exist or os.path.exists(path)) else None
-    return str(ckpt_path)
+        if not os.path.exists(path):
+            if verbose:
+                print(f"[train] ckpt_path=last: no checkpoint in {run_dir}/checkpoints yet, starting fresh")
+            return None
+    else:
+        path = str(ckpt_path)
+    path = os.path.abspath(path)
+    check_checkpoint(path, current)
+    return path
 
 
 def check_checkpoint(ckpt_path: str, current_config: Optional[Mapping] = None) -> dict:
@@ -124,7 +138,7 @@ def check_checkpoint(ckpt_path: str, current_config: Optional[Mapping] = None) -
     stored net / sde config with ``current_config``; returns the loaded checkpoint."""
     ckpt = load_checkpoint(ckpt_path, require_sgm=True)
     if current_config is not None:
-        check_compatible(ckpt, _to_plain(current_config), path=str(ckpt_path))
+        check_compatible(ckpt, to_plain(current_config), path=str(ckpt_path))
     return ckpt
 
 
@@ -172,6 +186,49 @@ def validate_sample_config(cfg: Any) -> None:
         _positive_int("steps", steps)
     _positive_int("grid_rows", _get(cfg, "grid_rows"))
     check_num_samples(_get(cfg, "num_samples", 1), _get(cfg, "batch_size"))
+
+
+# ---------------------------------------------------------------------------- entry-point steps
+def net_config(cfg: Any, data_shape: Sequence[int], num_classes: Optional[int]) -> dict:
+    """The network config with its data-dependent fields (null in configs/net/*.yaml) filled in."""
+    net = plain(cfg.net)
+    if len(data_shape) == 3:
+        for key, value in (("in_channels", data_shape[0]), ("image_size", data_shape[-1])):
+            if key in net and net[key] is None:
+                net[key] = int(value)
+    elif "dim" in net and net["dim"] is None:
+        net["dim"] = int(data_shape[0])
+    if _get(cfg, "model.class_conditional", False):
+        if not num_classes:
+            raise ConfigError("model.class_conditional=true needs a labelled dataset (the data module "
+                              "reports num_classes=None); use a labelled dataset or class_conditional=false")
+        net["num_classes"] = int(num_classes)
+    return net
+
+
+def build(node: Any, **kwargs) -> Any:
+    """``hydra.utils.instantiate``, re-raising a constructor's ValueError itself (one clear line)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
+def inherit_wandb_id(ckpt: Optional[str], run_dir: str) -> None:
+    """Resuming another run dir's checkpoint continues that run's W&B run (same id)."""
+    from sgm_lightning.training.loggers import RUN_ID_FILE
+    if ckpt is None or os.path.exists(os.path.join(run_dir, RUN_ID_FILE)):
+        return
+    src = os.path.join(os.path.dirname(os.path.dirname(ckpt)), RUN_ID_FILE)
+    if os.path.exists(src):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(src) as f, open(os.path.join(run_dir, RUN_ID_FILE), "w") as g:
+            g.write(f.read())
 
 
 # ---------------------------------------------------------------------------- error printer
