@@ -47,8 +47,11 @@ class EMACallback(L.Callback):
                 pl_module.ema_update(images_per_step=self._images_per_step(trainer, batch))
 
     @staticmethod
-    def _images_per_step(trainer, batch) -> int:
+    def _images_per_step(trainer, batch) -> int | None:
+        """Examples of one optimizer step over all ranks (this rank's batch x ranks x accumulation)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not hasattr(x, "shape"):
+            return None
         return int(x.shape[0]) * int(getattr(trainer, "world_size", 1)) * \
             int(getattr(trainer, "accumulate_grad_batches", 1))
 
