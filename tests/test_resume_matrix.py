@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train as train_script
+from test_ddp_resume import _assert_tree_equal as assert_tree_equal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 3  # 1797 digits // 512
@@ -41,22 +42,6 @@ def run(run_dir, *overrides):
     finally:
         torch.set_num_threads(threads)  # train() sets cpu_threads
     return torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), weights_only=True)
-
-
-def assert_tree_equal(a, b, where=""):
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys {sorted(map(str, set(a) ^ set(b)))} differ"
-        for k in a:
-            assert_tree_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def assert_same_run_state(a, b):
