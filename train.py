@@ -69,7 +69,7 @@ def train(cfg: DictConfig):
                     callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # write-then-rename checkpoints
     if trainer.is_global_zero:
         print(f"[train] run dir: {run_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # safe load (checkpoint.py)
     if trainer.is_global_zero:
         grids = [p for cb in callbacks for p in getattr(cb, "last_paths", {}).values()]
         print(f"[train] done at step {trainer.global_step}; run dir: {run_dir}")

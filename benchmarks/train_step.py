@@ -88,7 +88,7 @@ def run_lightning(template, shape, args) -> float:
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
                         devices=1, precision=args.precision, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EMACallback(decay=0.9999), Timer()], num_sanity_val_steps=0, limit_val_batches=0)
+                        callbacks=[EMACallback(), Timer()], num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed))
     dt = times[-1] - times[args.warmup - 1] if args.warmup > 0 else times[-1] - times[0]
     n = args.steps if args.warmup > 0 else args.steps - 1

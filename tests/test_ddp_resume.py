@@ -142,9 +142,14 @@ def test_ddp_two_processes_train_checkpoint_resume_and_change_world_size(tmp_pat
     train(run, *ddp, "trainer.max_steps=4", timeout=600)
     ck = last(run)
     assert ck["global_step"] == 4 and ck["ema"]["num_updates"] == 4
+    assert sorted(ck["rng"]["generator"]) == [0, 1]  # every rank's training-noise generator
     train(run, *ddp, "trainer.max_steps=6", "ckpt_path=last", timeout=600)
     ck6 = last(run)
     assert ck6["global_step"] == 6 and ck6["ema"]["num_updates"] == 6
+    # 4 + 2 on two processes == 6 in one go on two processes, bitwise
+    straight = tmp_path / "straight"
+    train(straight, *ddp, "trainer.max_steps=6", timeout=600)
+    _assert_same_training_state(last(straight), ck6)
     # resume the 2-process checkpoint on one process: continues at step 6 with the stored EMA
     train(run, "trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last")
     ck7 = last(run)

@@ -147,7 +147,7 @@ def test_ema_callback_matches_closed_form():
     from sgm_lightning.training.callbacks import EMACallback
     d = 0.9
     module = _tiny_module(ema_decay=d, ema_warmup=False)
-    cb = EMACallback(decay=d, warmup=False)
+    cb = EMACallback()  # the schedule is the module's (ema_decay, ema_warmup)
     trainer = SimpleNamespace(global_step=0)
     cb.setup(trainer, module, "fit")
     cb.on_fit_start(trainer, module)

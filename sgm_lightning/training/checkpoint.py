@@ -276,3 +276,78 @@ def check_compatible(ckpt: Mapping, current: Mapping, path: str = "checkpoint",
             f"checkpoint {path} was trained with a different configuration: " + "; ".join(diffs)
             + ". Fix: use the checkpoint's config (pass the same net/sde overrides it was trained with, "
             "see its run dir's .hydra/config.yaml) or start fresh with ckpt_path=null.")
+
+
+# --------------------------------------------------------------------------- loop state at a step's end
+def fit_loop_state(trainer) -> tuple[int, dict]:
+    """``(global_step, copy of fit_loop.state_dict())``, taken at the end of a training step."""
+    import copy
+    return int(trainer.global_step), copy.deepcopy(trainer.fit_loop.state_dict())
+
+
+def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: tuple[int, dict] | None) -> None:
+    """Write the fit-loop state of the last step's end into a checkpoint written after ``fit`` ended.
+
+    When ``max_steps`` (or ``max_epochs``) stops training, Lightning's fit loop closes the epoch
+    before ``on_train_end``: its epoch counter moves one ahead even mid-epoch, and its batch counter
+    reads as "restarted on last". A checkpoint written then (``ModelCheckpoint(save_last=True)`` in
+    ``on_train_end``, ``PreemptionCheckpoint``) resumes in the wrong epoch at the wrong batch. Saved
+    at the end of the last step (as every periodic checkpoint is), the state resumes exactly, so
+    that state (``snapshot`` from ``fit_loop_state`` at the last step's end) replaces it. Nothing
+    changes for checkpoints written during a step or an epoch.
+    """
+    if snapshot is None or snapshot[0] != int(trainer.global_step) or "fit_loop" not in checkpoint.get("loops", {}):
+        return
+    live = trainer.fit_loop.epoch_progress.current
+    saved = snapshot[1]["epoch_progress"]["current"]
+    if live.processed == live.started and saved["processed"] == saved["started"] - 1:  # closed after the snapshot
+        checkpoint["loops"]["fit_loop"] = snapshot[1]
+        checkpoint["epoch"] = int(saved["completed"])
+
+
+def _zero_counts(tree: dict) -> None:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _zero_counts(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            tree[k] = 0
+
+
+def resume_between_epochs(checkpoint: dict) -> None:
+    """Rewrite the fit-loop state of a checkpoint written at the end of an epoch's last step into the
+    state between that epoch and the next one (in place, before Lightning restores its loops).
+
+    Lightning 2.6 restores such a file ("restarted mid-epoch, on train batch end, last batch") by
+    closing the epoch, but then skips the next epoch's start counters: its epoch counters end up
+    inconsistent (``ready`` one behind ``completed``), and a later checkpoint no longer resumes in the
+    right epoch. The equivalent state with the epoch closed (epoch counters equal, per-epoch batch,
+    scheduler and optimizer counters at zero, the step counter of the logger advanced as Lightning
+    does for a step-end file) restores through Lightning's plain "start the next epoch" path.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
+        return
+    epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+    at_step_end = batches["total"]["completed"] == batches["total"]["processed"] - 1
+    mid_epoch = epochs["total"]["processed"] == epochs["total"]["started"] - 1
+    if not (batches.get("is_last_batch") and at_step_end and mid_epoch):
+        return
+    for tracker in (epochs["total"], epochs["current"]):
+        tracker["processed"] = tracker["completed"] = tracker["started"]
+    batches["total"]["completed"] = batches["total"]["processed"]
+    batches["is_last_batch"] = False
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress",
+                "epoch_loop.automatic_optimization.optim_progress", "epoch_loop.manual_optimization.optim_step_progress"):
+        if key in fit:
+            for name, sub in fit[key].items():
+                if name == "current":
+                    _zero_counts(sub)
+                elif isinstance(sub, dict):  # optim_progress: {"optimizer": {"step": {...}, "zero_grad": {...}}}
+                    for part in sub.values():
+                        if isinstance(part, dict) and "current" in part:
+                            _zero_counts(part["current"])
+    if "epoch_loop.val_loop.batch_progress" in fit:
+        _zero_counts(fit["epoch_loop.val_loop.batch_progress"]["total"])
+    state = fit.setdefault("epoch_loop.state_dict", {})
+    state["_batches_that_stepped"] = int(state.get("_batches_that_stepped", 0)) + 1
+    checkpoint["epoch"] = int(epochs["current"]["completed"])

@@ -144,7 +144,7 @@ class PreemptionCheckpoint(Callback):
 
     def _save(self, trainer: Trainer, why: str) -> str:
         path = os.path.join(_checkpoint_dir(trainer, self.dirpath), self.ckpt_name)
-        trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank calls it, rank 0 writes
         self._saved = True
         rank_zero_info(f"[sgm_lightning] {why}: saved {path} at global step {trainer.global_step}.")
         return path

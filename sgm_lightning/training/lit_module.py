@@ -6,9 +6,16 @@ returns one loss per example (e.g. the denoising score-matching objective, Song 
 Ho et al. 2020, Eq. 14), and ``generate`` hands the model's score to ``sgm_lightning.sampling``.
 
 Randomness of the training objective (noise eps and times t) comes from a per-rank
-``torch.Generator`` seeded with (seed, rank); its state travels in every checkpoint, together with
-the global RNG state (dropout) and the EMA shadow weights (``checkpoint["ema"]``), so that a resumed
-single-process run continues bitwise identically.
+``torch.Generator`` seeded with (seed, rank). Every checkpoint holds the state of that generator and
+of the global CPU (and CUDA) RNG (dropout) of EVERY rank (gathered from all ranks when the
+checkpoint is written), together with the EMA shadow weights and update counter
+(``checkpoint["ema"]``), so that a resumed run on the same number of ranks continues bitwise
+identically; on another number of ranks, ranks without a saved state are reseeded from
+(seed, global step, rank).
+
+The EMA schedule is configured here and only here (``ema_decay``, ``ema_warmup``,
+``ema_halflife_img``, ``ema_rampup_ratio``): these hyperparameters travel in the checkpoint, and
+``EMACallback`` only decides when to call ``ema_update``.
 
 Checkpoints hold state dicts and plain hyperparameters only: the resolved Hydra configs of the
 network, SDE and loss are stored in ``checkpoint["sgm_config"]`` and ``load_from_sgm_checkpoint``
@@ -38,6 +45,19 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (int(seed) + _SEED_STRIDE * (int(rank) + 1)) % (2**63 - 1)
 
 
+def ema_halflife_beta(step: int, images_per_step: int, halflife_img: float,
+                      rampup_ratio: float | None = None) -> float:
+    """EMA decay of optimizer step ``step`` (0-based) for a half-life in images (Karras et al. 2022,
+    EDM training loop): with ``cur = step * images_per_step`` images seen before this step,
+    ``h = min(halflife_img, cur * rampup_ratio)`` (no ramp-up when ``rampup_ratio`` is None) and
+    ``beta = 0.5 ** (images_per_step / max(h, 1e-8))``: the average forgets half of its content
+    every ``h`` images."""
+    h = float(halflife_img)
+    if rampup_ratio is not None:
+        h = min(h, int(step) * int(images_per_step) * float(rampup_ratio))
+    return 0.5 ** (int(images_per_step) / max(h, 1e-8))
+
+
 class ScoreLitModule(L.LightningModule):
     """Train a score model with a per-example loss; sample from it with any sampler.
 
@@ -50,8 +70,15 @@ class ScoreLitModule(L.LightningModule):
         data_range: range of the data, "[-1,1]" or "[0,1]" (see ``training/data/ranges.py``).
         optimizer: "adam" or "adamw"; lr, betas, eps, weight_decay are its hyperparameters.
         warmup_steps: linear learning-rate warm-up (Song et al. 2021, App. H: 5000 steps).
-        ema_decay: decay of the exponential moving average of the weights (0 disables EMA).
+        ema_decay: decay of the exponential moving average of the weights (Song et al. 2021,
+            App. H: 0.9999 DDPM++, 0.999 NCSN++). 0 disables EMA (no shadow weights, nothing in
+            checkpoints, sampling and evaluation use the raw weights) unless ``ema_halflife_img``
+            is set.
         ema_warmup: use torch-ema's num_updates warm-up, decay_n = min(decay, (1 + n) / (10 + n)).
+        ema_halflife_img: EMA by half-life (Karras et al. 2022, App. F.1: 0.5M images): the decay of
+            step n is ``ema_halflife_beta`` below; replaces ema_decay /
+            ema_warmup when set.
+        ema_rampup_ratio: half-life ramp-up of ``ema_halflife_img`` (EDM: 0.05; None: no ramp-up).
         use_ema_for_eval: validation / sampling use the EMA weights unless told otherwise.
         cond_drop_prob: label dropout for classifier-free guidance (Ho & Salimans 2022); the null
             label has index ``num_classes``.
@@ -65,6 +92,7 @@ class ScoreLitModule(L.LightningModule):
                  data_range: str = "[-1,1]", optimizer: str = "adam", lr: float = 2e-4,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup_steps: int = 5000, ema_decay: float = 0.9999, ema_warmup: bool = True,
+                 ema_halflife_img: float | None = None, ema_rampup_ratio: float | None = None,
                  use_ema_for_eval: bool = True, cond_drop_prob: float = 0.1, num_loss_buckets: int = 10,
                  seed: int = 0, config: dict | None = None):
         super().__init__()
@@ -79,6 +107,10 @@ class ScoreLitModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
+        if ema_halflife_img is not None and not ema_halflife_img > 0:
+            raise ValueError(f"ema_halflife_img must be > 0 images (or null), got {ema_halflife_img!r}")
+        if ema_rampup_ratio is not None and not ema_rampup_ratio > 0:
+            raise ValueError(f"ema_rampup_ratio must be > 0 (or null), got {ema_rampup_ratio!r}")
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}")
         if int(num_loss_buckets) != num_loss_buckets or num_loss_buckets < 1:
@@ -92,13 +124,15 @@ class ScoreLitModule(L.LightningModule):
         self.data_shape = tuple(int(s) for s in data_shape)
         self.num_classes = getattr(net, "num_classes", None)
         self.ema: ExponentialMovingAverage | None = None
-        if ema_decay > 0:
+        if ema_decay > 0 or ema_halflife_img is not None:
+            # the half-life schedule keeps its step counter in num_updates (see ema_update)
             self.ema = ExponentialMovingAverage(self.score_model.parameters(), decay=ema_decay,
-                                                use_num_updates=ema_warmup)
+                                                use_num_updates=ema_warmup or ema_halflife_img is not None)
         self._generator: torch.Generator | None = None
         self._pending_rng: dict | None = None
-        self._pending_torch_rng: torch.Tensor | None = None
+        self._pending_torch_rng: dict | None = None
         self._last_step_time: float | None = None
+        self._step_end_loops: tuple[int, dict] | None = None
 
     # ------------------------------------------------------------------ randomness
     @property
@@ -116,9 +150,17 @@ class ScoreLitModule(L.LightningModule):
     def _restore_rng(self, g: torch.Generator, rng: dict) -> None:
         state = rng.get("generator", {}).get(self.global_rank)
         if state is not None:
-            g.set_state(state.cpu() if g.device.type == "cpu" else state)
-        else:  # another rank's state was not saved (rank 0 writes checkpoints): reseed deterministically
+            g.set_state(state.cpu())
+        else:  # no state saved for this rank (the run had fewer ranks): reseed deterministically
             g.manual_seed(_rank_seed(self.hparams.seed + int(rng.get("global_step", 0)), self.global_rank))
+
+    def _gather_rng_state(self, state: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{rank: state} of every rank (a collective under DDP: every rank writes the checkpoint dict)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return {self.global_rank: state.cpu()}
+        gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))  # (world, n) uint8
+        return {r: gathered[r].cpu() for r in range(trainer.world_size)}
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -188,11 +230,28 @@ class ScoreLitModule(L.LightningModule):
         with self.ema.average_parameters(self.score_model.parameters()):
             yield
 
-    def ema_update(self) -> None:
-        """One EMA step on the current weights (called by ``EMACallback`` after each optimizer step)."""
-        if self.ema is not None:
-            self.ema.to(self.device)
+    def ema_update(self, images_per_step: int | None = None) -> None:
+        """One EMA step on the current weights (called by ``EMACallback`` after each optimizer step).
+
+        ``images_per_step``: images of one optimizer step over all ranks (needed by the half-life
+        schedule, whose step counter is ``ema.num_updates`` and travels in ``checkpoint["ema"]``).
+        """
+        if self.ema is None:
+            return
+        self.ema.to(self.device)
+        halflife = self.hparams.get("ema_halflife_img")
+        if halflife is None:
             self.ema.update(self.score_model.parameters())
+            return
+        if images_per_step is None:
+            raise ValueError("ema_halflife_img needs images_per_step (the global batch of one optimizer step)")
+        n = int(self.ema.num_updates or 0)
+        self.ema.decay = ema_halflife_beta(n, images_per_step, halflife, self.hparams.get("ema_rampup_ratio"))
+        self.ema.num_updates = None  # torch-ema then applies self.ema.decay as it is
+        try:
+            self.ema.update(self.score_model.parameters())
+        finally:
+            self.ema.num_updates = n + 1
 
     # ------------------------------------------------------------------ sampling
     def score_fn(self, y: torch.Tensor | None = None, guidance_scale: float | None = None) -> Callable:
@@ -242,23 +301,35 @@ class ScoreLitModule(L.LightningModule):
         return _with_samples(result, samples)
 
     # ------------------------------------------------------------------ checkpoints
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        from sgm_lightning.training.checkpoint import fit_loop_state
+        self._step_end_loops = fit_loop_state(self.trainer)  # see on_save_checkpoint
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from sgm_lightning.training.checkpoint import use_step_end_loop_state
+        if self._trainer is not None:  # a file written after fit ended resumes like one of its last step
+            use_step_end_loop_state(self.trainer, checkpoint, self._step_end_loops)
         checkpoint["sgm_config"] = self.hparams.get("config")
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint["rng"] = {
-            "generator": {self.global_rank: self.generator.get_state()},
-            "torch": torch.get_rng_state(),
+            "generator": self._gather_rng_state(self.generator.get_state()),
+            "torch": self._gather_rng_state(torch.get_rng_state()),
             "global_step": self.global_step,
         }
+        if self.device.type == "cuda":
+            checkpoint["rng"]["cuda"] = self._gather_rng_state(torch.cuda.get_rng_state(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from sgm_lightning.training.checkpoint import resume_between_epochs
+        resume_between_epochs(checkpoint)  # before Lightning restores its loops from it
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
+            if self.hparams.get("ema_halflife_img") is None:
+                self.ema.decay = float(self.hparams.ema_decay)  # this run's setting, not the file's
         rng = checkpoint.get("rng")
         if rng is not None:
-            if rng.get("torch") is not None:  # set in on_train_start (see there)
-                self._pending_torch_rng = rng["torch"].cpu()
+            self._pending_torch_rng = {k: _rank_state(rng.get(k), self.global_rank) for k in ("torch", "cuda")}
             self._generator = None
             self._pending_rng = rng
 
@@ -267,8 +338,20 @@ class ScoreLitModule(L.LightningModule):
         # RNG) after restoring the checkpoint; restoring the global RNG here, after that draw, makes a
         # resumed run continue the uninterrupted run's global RNG stream bitwise.
         if self._pending_torch_rng is not None:
-            torch.set_rng_state(self._pending_torch_rng)
+            cpu, cuda = self._pending_torch_rng["torch"], self._pending_torch_rng["cuda"]
+            if cpu is not None:
+                torch.set_rng_state(cpu)
+            if cuda is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda, self.device)
             self._pending_torch_rng = None
+
+
+def _rank_state(saved, rank: int) -> torch.Tensor | None:
+    """This rank's RNG state from a checkpoint entry ({rank: state}, or one tensor in older files)."""
+    if saved is None or torch.is_tensor(saved):
+        return None if saved is None else saved.cpu()
+    state = saved.get(rank)
+    return None if state is None else state.cpu()
 
 
 def _with_samples(result, samples: torch.Tensor):

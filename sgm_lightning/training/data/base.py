@@ -155,6 +155,7 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=batch_sampler.sampler.loader_generator,  # not the global RNG (see data/sampler.py)
         )
 
     # ------------------------------------------------------------------ dataloaders
@@ -206,7 +207,9 @@ class BaseDataModule(L.LightningDataModule):
         ds = self.train_dataset
         if num_samples is not None:
             ds = Subset(ds, list(range(min(int(num_samples), len(ds)))))
-        return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.num_workers)
+        # a private generator: the global RNG (dropout) must not depend on whether statistics were cached
+        return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -215,7 +218,10 @@ class BaseDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(trainer.current_epoch), "batches_consumed": int(progress.ready), "seed": self.seed}
+        # the epoch the counted batches belong to: trainer.current_epoch is one ahead in a file written
+        # after fit ended, once Lightning has closed the epoch (also when max_steps stopped it mid-epoch)
+        epoch = max(int(trainer.fit_loop.epoch_progress.current.started) - 1, 0)
+        return {"epoch": epoch, "batches_consumed": int(progress.ready), "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

@@ -10,6 +10,13 @@ global batch for every world size, and ranks never share an example within an ep
 Lightning 2.6 calls ``set_epoch`` on ``DataLoader.sampler`` and on ``DataLoader.batch_sampler.sampler``
 at every epoch start (never on the batch sampler itself), so :class:`ResumableBatchSampler` exposes
 its epoch through the ``.sampler`` attribute (an :class:`EpochPermutation`).
+
+Every new ``DataLoader`` iterator (one per epoch) draws its workers' base seed from
+``DataLoader.generator``, or from the global RNG when that is None, which shifts the global stream
+(dropout) at every epoch start, differently in a run resumed at an epoch boundary.
+``EpochPermutation.loader_generator`` is the generator to pass instead: reseeded from
+(seed, epoch) in ``set_epoch``, it keeps the global RNG out of data loading and makes worker seeds
+a function of the epoch.
 """
 
 from __future__ import annotations
@@ -43,19 +50,24 @@ class EpochPermutation:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self.epoch = 0
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         _check_nonneg_int("epoch", epoch)
         self.epoch = int(epoch)
+        self.loader_generator.manual_seed(self._epoch_seed() + 1)
 
     def indices(self) -> torch.Tensor:
         """The (N,) int64 index order of the current epoch."""
         if not self.shuffle:
             return torch.arange(self.num_samples)
         g = torch.Generator()
-        g.manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
+        g.manual_seed(self._epoch_seed())
         return torch.randperm(self.num_samples, generator=g)
+
+    def _epoch_seed(self) -> int:
+        return self.seed * _EPOCH_STRIDE + self.epoch
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
