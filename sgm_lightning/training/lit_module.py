@@ -150,7 +150,7 @@ class ScoreLitModule(L.LightningModule):
     def _restore_rng(self, g: torch.Generator, rng: dict) -> None:
         state = rng.get("generator", {}).get(self.global_rank)
         if state is not None:
-            g.set_state(state.cpu())
+            g.set_state(state.cpu().clone())
         else:  # no state saved for this rank (the run had fewer ranks): reseed deterministically
             g.manual_seed(_rank_seed(self.hparams.seed + int(rng.get("global_step", 0)), self.global_rank))
 
@@ -160,7 +160,9 @@ class ScoreLitModule(L.LightningModule):
         if trainer is None or trainer.world_size == 1:
             return {self.global_rank: state.cpu()}
         gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))  # (world, n) uint8
-        return {r: gathered[r].cpu() for r in range(trainer.world_size)}
+        # clone: a row of the gathered tensor is a view, and torch.save would store the whole buffer
+        # under every rank (the RNG setters read a view's storage from its start)
+        return {r: gathered[r].cpu().clone() for r in range(trainer.world_size)}
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -348,10 +350,8 @@ class ScoreLitModule(L.LightningModule):
 
 def _rank_state(saved, rank: int) -> torch.Tensor | None:
     """This rank's RNG state from a checkpoint entry ({rank: state}, or one tensor in older files)."""
-    if saved is None or torch.is_tensor(saved):
-        return None if saved is None else saved.cpu()
-    state = saved.get(rank)
-    return None if state is None else state.cpu()
+    state = saved if saved is None or torch.is_tensor(saved) else saved.get(rank)
+    return None if state is None else state.cpu().clone()  # own storage (see _gather_rng_state)
 
 
 def _with_samples(result, samples: torch.Tensor):
