@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sgm_lightning.training.checkpoint import CheckpointError, check_compatible, load_checkpoint, to_plain
 from sgm_lightning.training.fault_tolerance import PREEMPTED_EXIT_CODE, NonFiniteError
+from sgm_lightning.utils import check_int
 
 USAGE_EXIT_CODE = 2
 
@@ -56,10 +57,9 @@ def plain(cfg: Any) -> dict:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    """``check_int(name, value)`` unless ``value`` is None (not set)."""
+    if value is not None:
+        check_int(name, value)
 
 
 # ---------------------------------------------------------------------------- cross-component checks
@@ -181,9 +181,7 @@ def validate_sample_config(cfg: Any) -> None:
     from sgm_lightning.samplers import METHODS
     from sgm_lightning.utils import check_choice
     check_choice("method", _get(cfg, "method", "pc"), METHODS)  # before the checkpoint is loaded
-    steps = _get(cfg, "steps")
-    if steps is not None:
-        _positive_int("steps", steps)
+    _positive_int("steps", _get(cfg, "steps"))
     _positive_int("grid_rows", _get(cfg, "grid_rows"))
     check_num_samples(_get(cfg, "num_samples", 1), _get(cfg, "batch_size"))
 

@@ -20,14 +20,13 @@ import math
 import torch
 from torch import nn
 
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int, check_positive
 
 EMBEDDINGS = ("sinusoidal", "fourier")
 
 
 def _check_even(name: str, value: int) -> None:
-    check_positive(name, value, integer=True)
-    if value % 2:
+    if check_int(name, value) % 2:
         raise ValueError(f"{name} must be an even positive integer (sin and cos halves), got {value!r}")
 
 
@@ -98,7 +97,7 @@ class TimeEmbedding(nn.Module):
         _check_even("dim", dim)
         check_choice("embedding", kind, EMBEDDINGS)
         out_dim = 4 * dim if out_dim is None else out_dim
-        check_positive("out_dim", out_dim, integer=True)
+        check_int("out_dim", out_dim)
         self.dim, self.kind, self.out_dim = int(dim), kind, int(out_dim)
         self.fourier = GaussianFourierFeatures(dim, fourier_scale) if kind == "fourier" else None
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
@@ -122,8 +121,8 @@ class LabelEmbedding(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        check_positive("num_classes", num_classes, integer=True)
-        check_positive("dim", dim, integer=True)
+        check_int("num_classes", num_classes)
+        check_int("dim", dim)
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.table = nn.Embedding(num_classes + 1, dim)
 

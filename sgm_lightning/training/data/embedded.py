@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from sgm_lightning.training.data.base import BaseDataModule, LabelledTensorDataset
 from sgm_lightning.training.data.ranges import from_unit
+from sgm_lightning.utils import check_int
 
 
 def resize_images(x01: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -20,9 +21,7 @@ def resize_images(x01: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 2:
-        raise ValueError(f"image_size must be an integer >= 2 (e.g. 8, 16, 32), got {image_size!r}")
-    return int(image_size)
+    return check_int("image_size (e.g. 8, 16, 32)", image_size, min=2)
 
 
 class DigitsDataModule(BaseDataModule):

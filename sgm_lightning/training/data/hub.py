@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, split_indices
 from sgm_lightning.training.data.ranges import check_data_range, from_unit, to_unit
+from sgm_lightning.utils import check_int
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,8 @@ class HFImageDataModule(BaseDataModule):
             raise ValueError(f"name must be a dataset alias ({', '.join(HUB_ALIASES)}), a Hub id, or 'imagefolder'")
         if channels is not None and channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not supported; allowed values: 1 (L), 3 (RGB), None (auto)")
-        if image_size is not None and (int(image_size) != image_size or image_size < 2):
-            raise ValueError(f"image_size must be an integer >= 2 or None, got {image_size!r}")
+        if image_size is not None:
+            check_int("image_size", image_size, min=2)
         self.name, self.split, self.val_split = name, split, val_split
         self.root = Path(root).expanduser() if root is not None else None
         if name == "imagefolder" and self.root is None:

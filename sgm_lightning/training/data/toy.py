@@ -18,6 +18,7 @@ import torch
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, LabelledTensorDataset
+from sgm_lightning.utils import check_int
 
 TOY_NAMES = ("gaussian_mixture", "two_moons", "swiss_roll", "checkerboard", "rings")
 
@@ -111,8 +112,7 @@ class ToyDataModule(BaseDataModule):
         self.save_hyperparameters(logger=False)
         if name not in TOY_NAMES:
             raise ValueError(f"name={name!r} is not a toy dataset; allowed values: {', '.join(TOY_NAMES)}")
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples <= 0:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        check_int("n_samples", n_samples)
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
         self.name, self.n_samples, self.noise = name, int(n_samples), float(noise)
