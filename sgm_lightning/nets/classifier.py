@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgm_lightning.nets.embeddings import TimeEmbedding, check_label
+from sgm_lightning.nets.embeddings import TimeEmbedding, check_even, check_label
 from sgm_lightning.nets.mlp import ConditionedMLP, flatten_check
 from sgm_lightning.nets.unet import UNetEncoder, check_image, group_norm
 from sgm_lightning.utils import check_choice, check_int
@@ -90,9 +90,7 @@ class MLPClassifier(nn.Module):
         super().__init__()
         check_int("num_classes", num_classes)
         check_int("hidden_dim", hidden_dim)
-        check_int("embedding_dim", embedding_dim)
-        if embedding_dim % 2:
-            raise ValueError(f"embedding_dim must be even (sin and cos halves), got {embedding_dim}")
+        check_even("embedding_dim", embedding_dim)
         self._hparams = dict(dim=dim, num_classes=num_classes, hidden_dim=hidden_dim, num_layers=num_layers,
                              embedding_dim=embedding_dim, embedding=embedding, fourier_scale=fourier_scale,
                              activation=activation)

@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_label
+from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_even, embed_conditions
 from sgm_lightning.utils import check_choice, check_int
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
@@ -92,9 +91,7 @@ class MLPScoreNet(nn.Module):
         super().__init__()
         check_int("dim", dim)
         check_int("hidden_dim", hidden_dim)
-        check_int("embedding_dim", embedding_dim)
-        if embedding_dim % 2:
-            raise ValueError(f"embedding_dim must be even (sin and cos halves), got {embedding_dim}")
+        check_even("embedding_dim", embedding_dim)
         if num_classes is not None:
             check_int("num_classes", num_classes)
         self._hparams = dict(dim=dim, hidden_dim=hidden_dim, num_layers=num_layers, embedding_dim=embedding_dim,
@@ -111,13 +108,7 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         flat = flatten_check(x, self.dim)
-        emb = self.time_embed(check_label(label, x))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, batch=x.shape[0], device=x.device)
-        elif y is not None:
-            raise ValueError("class labels y were given but the network has num_classes=None; "
-                             "build it with num_classes=K for class conditioning")
-        return self.trunk(flat, F.silu(emb)).reshape(x.shape)
+        return self.trunk(flat, embed_conditions(self.time_embed, self.label_embed, label, x, y)).reshape(x.shape)
 
 
 class NoiseFreeMLP(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_label
+from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, embed_conditions
 from sgm_lightning.utils import check_choice, check_int
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -292,13 +292,7 @@ class UNet(nn.Module):
 
     def embed(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """SiLU(time embedding + class embedding), (B, 4 * base_channels)."""
-        emb = self.time_embed(check_label(label, x))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, batch=x.shape[0], device=x.device)
-        elif y is not None:
-            raise ValueError("class labels y were given but the network has num_classes=None; "
-                             "build it with num_classes=K for class conditioning")
-        return F.silu(emb)
+        return embed_conditions(self.time_embed, self.label_embed, label, x, y)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_image(x, self.in_channels, self.image_size)
