@@ -17,6 +17,9 @@ Predictions (``prediction=``):
     "edm":   x0_hat = c_skip x~ + c_out F(c_in x~, c_noise) on x~ = x / alpha, with
              noise level s = sigma / alpha                       (Karras et al. 2022, Eq. 7 & Table 1)
 
+Each is one row of ``PARAMETRIZATIONS``: the network sees c_in x_t and predicts F = p x0 + q eps, so
+(x0_hat, eps_hat) solve the 2x2 system x_t = alpha x0 + sigma eps, F = p x0 + q eps.
+
 Labels (``label=``): "time" -> 999 t / T (DDPM / DDPM++ convention), "log_sigma" -> log sigma(t)
 (NCSN++ with Fourier features), "sigma" -> sigma(t), "edm" -> log(sigma / alpha) / 4 (Karras et al.
 2022, Table 1). The default is "edm" for ``prediction="edm"`` and "time" otherwise.
