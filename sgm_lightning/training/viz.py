@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 
 from sgm_lightning.training.data.ranges import to_unit
+from sgm_lightning.utils import check_int
 
 
 def to_uint8(x: torch.Tensor, data_range: str = "[-1,1]") -> torch.Tensor:
@@ -41,12 +42,9 @@ def make_grid(
     """
     if x.ndim != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    padding = check_int("padding", padding, min=0)
     b, c = x.shape[:2]
-    nrow = int(nrow) if nrow is not None else max(1, math.ceil(math.sqrt(b)))
-    if nrow <= 0:
-        raise ValueError(f"nrow must be a positive integer, got {nrow}")
+    nrow = check_int("nrow", nrow) if nrow is not None else max(1, math.ceil(math.sqrt(b)))
     ncol_rows = math.ceil(b / nrow)
     img = to_uint8(x.cpu(), data_range)
     if ncol_rows * nrow > b:  # fill the last row with blank tiles
@@ -113,8 +111,7 @@ def scatter_image(
     """
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"points must have shape (B, 2), got {tuple(points.shape)}")
-    if size <= 0:
-        raise ValueError(f"size must be a positive integer, got {size}")
+    size = check_int("size", size)
     p = points.detach().to(torch.float64).cpu()
     if range is None:
         lo, hi = float(p.min()), float(p.max())
