@@ -6,8 +6,8 @@ Bad inputs are reported as one clear paragraph, never as a bare traceback:
   sigma/beta/steps <= 0, image size incompatible with the U-Net, ...);
 * ``validate_train_config`` / ``validate_sample_config`` add the *cross-component* checks that no
   single constructor can do (data shape vs. network channels / image size, global batch size vs.
-  world size, number of samples vs. batch size, checkpoint vs. current config) and raise
-  ``ConfigError``;
+  world size, number of samples vs. batch size, checkpoint vs. current config, options of
+  ``sample.py``'s other modes: ``SAMPLE_MODES``) and raise ``ConfigError``;
 * ``net_config``, ``build``, ``resolve_checkpoint`` and ``inherit_wandb_id`` are the entry points'
   shared steps (fill data-dependent network fields, instantiate with clear errors, resolve
   ``ckpt_path=last``, continue a resumed run's W&B run);
@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sgm_lightning.training.checkpoint import CheckpointError, check_compatible, load_checkpoint, to_plain
 from sgm_lightning.training.fault_tolerance import PREEMPTED_EXIT_CODE, NonFiniteError
+from sgm_lightning.utils import check_int
 
 USAGE_EXIT_CODE = 2
 
@@ -56,10 +57,9 @@ def plain(cfg: Any) -> dict:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    """``check_int(name, value)`` unless ``value`` is None (not set)."""
+    if value is not None:
+        check_int(name, value)
 
 
 # ---------------------------------------------------------------------------- cross-component checks
@@ -173,19 +173,77 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
                           _get(cfg, "net.channel_mults"))
 
 
-def validate_sample_config(cfg: Any) -> None:
-    """Checks of a sampling config (``sample.py``): a checkpoint is given, numbers are positive."""
+# sample.py's modes and the options that belong to each (every mode also takes ckpt_path, mode, method,
+# steps, options, seed, use_ema, device, out_dir, batch_size); an option of another mode is an error
+SAMPLE_MODES = {
+    "grid": ("num_samples", "grid_rows", "guidance_scale", "class_label"),
+    "eval": ("eval", "metrics", "data_overrides"),
+    "task": ("task", "task_method", "task_options", "num_samples", "data_overrides"),
+}
+_MODE_HINTS = {("num_samples", "eval"): " (mode=eval draws eval.num_samples samples)"}
+_GROUPS = ("metrics",)  # config groups (configs/<group>/): named by the group
+
+
+def config_defaults(config_dir: str, name: str) -> dict:
+    """The values of ``<config_dir>/<name>.yaml`` with its defaults list's groups (``- group: option``)
+    loaded in, before any override: what an option is "set" against."""
+    from omegaconf import OmegaConf
+    node = OmegaConf.to_container(OmegaConf.load(os.path.join(config_dir, f"{name}.yaml")), resolve=False)
+    for entry in node.pop("defaults", []):
+        if isinstance(entry, dict):
+            for group, option in entry.items():
+                path = os.path.join(config_dir, group, f"{option}.yaml")
+                node[group] = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    node.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(node), resolve=True)
+
+
+def _first_change(value: Any, default: Any, name: str) -> Optional[tuple[str, Any]]:
+    """(dotted name, value) of the first leaf where ``value`` differs from ``default``; None if equal."""
+    if isinstance(value, Mapping) and isinstance(default, Mapping):
+        for key in value:
+            found = _first_change(value[key], default.get(key), f"{name}.{key}")
+            if found:
+                return found
+        return None
+    return None if value == default else (name, value)
+
+
+def check_sample_mode(cfg: Any, defaults: Mapping) -> str:
+    """``mode`` is one of SAMPLE_MODES and no option of another mode is set (changed from ``defaults``);
+    returns the mode. The error names the option, the mode it belongs to and the fix."""
+    from sgm_lightning.utils import check_choice
+    mode = _get(cfg, "mode", "grid")
+    check_choice("mode", mode, SAMPLE_MODES)
+    for key in sorted({k for keys in SAMPLE_MODES.values() for k in keys} - set(SAMPLE_MODES[mode])):
+        found = _first_change(to_plain(_get(cfg, key)), defaults.get(key), key)
+        if found:
+            owners = [m for m, keys in SAMPLE_MODES.items() if key in keys]
+            name, value = found
+            given = f"{key} (its {name}={value})" if key in _GROUPS else f"{name}={value}"
+            raise ConfigError(
+                f"{given} is an option of mode={' / mode='.join(owners)}, not of mode={mode}, which would ignore it"
+                f"{_MODE_HINTS.get((key, mode), '')}. Use mode={owners[0]} for it, or drop {name.split('.')[0] if key in _GROUPS else name}.")
+    if mode == "task" and _get(cfg, "task") is None:
+        raise ConfigError("mode=task needs task=inpaint|colorize|superres|deblur (docs/inverse.md)")
+    return mode
+
+
+def validate_sample_config(cfg: Any, defaults: Optional[Mapping] = None) -> str:
+    """Checks of a sampling config (``sample.py``): a checkpoint is given, the options belong to the mode
+    (``check_sample_mode`` against ``defaults``, when given), numbers are positive. Returns the mode."""
     if _get(cfg, "ckpt_path") in (None, "", "null"):
         raise ConfigError("sample.py needs a checkpoint: pass ckpt_path=<run_dir>/checkpoints/last.ckpt "
                           "(or any .ckpt written by train.py)")
+    mode = check_sample_mode(cfg, defaults) if defaults is not None else _get(cfg, "mode", "grid")
     from sgm_lightning.samplers import METHODS
     from sgm_lightning.utils import check_choice
     check_choice("method", _get(cfg, "method", "pc"), METHODS)  # before the checkpoint is loaded
-    steps = _get(cfg, "steps")
-    if steps is not None:
-        _positive_int("steps", steps)
+    _positive_int("steps", _get(cfg, "steps"))
     _positive_int("grid_rows", _get(cfg, "grid_rows"))
+    _positive_int("eval.num_samples", _get(cfg, "eval.num_samples"))
     check_num_samples(_get(cfg, "num_samples", 1), _get(cfg, "batch_size"))
+    return mode
 
 
 # ---------------------------------------------------------------------------- entry-point steps

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from sgm_lightning.utils import check_int
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -61,8 +63,7 @@ def cfg_score_fn(model, y, scale: float, null_label: int, batched: bool = True) 
     w = _check_scale(scale)
     if not callable(getattr(model, "score", None)):
         raise ValueError("model must have a score(x, t, y=...) method (e.g. a class-conditional ScoreModel)")
-    if isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0:
-        raise ValueError(f"null_label must be a non-negative int (K for a K-class network), got {null_label!r}")
+    check_int("null_label (K for a K-class network)", null_label, min=0)
 
     def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = _labels(y, x)

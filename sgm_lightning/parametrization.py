@@ -17,6 +17,9 @@ Predictions (``prediction=``):
     "edm":   x0_hat = c_skip x~ + c_out F(c_in x~, c_noise) on x~ = x / alpha, with
              noise level s = sigma / alpha                       (Karras et al. 2022, Eq. 7 & Table 1)
 
+Each is one row of ``PARAMETRIZATIONS``: the network sees c_in x_t and predicts F = p x0 + q eps, so
+(x0_hat, eps_hat) solve the 2x2 system x_t = alpha x0 + sigma eps, F = p x0 + q eps.
+
 Labels (``label=``): "time" -> 999 t / T (DDPM / DDPM++ convention), "log_sigma" -> log sigma(t)
 (NCSN++ with Fourier features), "sigma" -> sigma(t), "edm" -> log(sigma / alpha) / 4 (Karras et al.
 2022, Table 1). The default is "edm" for ``prediction="edm"`` and "time" otherwise.
@@ -34,6 +37,26 @@ from sgm_lightning.utils import bcast, check_choice
 
 PREDICTIONS = ("eps", "score", "x0", "v", "edm")
 LABELS = ("time", "log_sigma", "sigma", "edm")
+
+
+def _edm(alpha, sigma, sigma_data):
+    """EDM preconditioning on x~ = x / alpha with noise level n = sigma / alpha (Karras et al. 2022, Table 1):
+    c_in = 1 / r, c_skip = sigma_data^2 / r^2, c_out = n sigma_data / r with r = sqrt(n^2 + sigma_data^2);
+    the target (x0 - c_skip x~) / c_out simplifies to (n x0 - sigma_data^2 eps) / (r sigma_data)."""
+    n = sigma / alpha
+    r = torch.sqrt(n * n + sigma_data**2)
+    return 1.0 / (alpha * r), n / (r * sigma_data), -sigma_data / r
+
+
+# prediction -> (alpha, sigma, sigma_data) -> (c_in, p, q): the network sees c_in x_t and is trained to
+# output F = p x0 + q eps. This table is the only place where the predictions differ.
+PARAMETRIZATIONS = {
+    "eps": lambda a, s, sd: (1.0, torch.zeros_like(s), torch.ones_like(s)),
+    "score": lambda a, s, sd: (1.0, torch.zeros_like(s), -1.0 / s),        # F = -eps / sigma
+    "x0": lambda a, s, sd: (1.0, torch.ones_like(s), torch.zeros_like(s)),
+    "v": lambda a, s, sd: (1.0, -s, a),                                      # v = alpha eps - sigma x0
+    "edm": _edm,
+}
 
 
 class ModelOutput(NamedTuple):
@@ -89,18 +112,13 @@ class ScoreModel(nn.Module):
 
     def _raw(self, x, t, cond):
         t = self._check(x, t)
-        alpha, sigma = (c.to(x.dtype) for c in self.sde.marginal_coeffs(t))
-        label = self.label(t).to(x.dtype)
-        x_in = x
-        if self.prediction == "edm":
-            s = sigma / alpha
-            c_in = 1.0 / torch.sqrt(s * s + self.sigma_data**2)
-            x_in = bcast(c_in / alpha, x) * x
-        out = self.net(x_in, label, **cond)
+        alpha, sigma = (bcast(c.to(x.dtype), x) for c in self.sde.marginal_coeffs(t))
+        c_in, p, q = PARAMETRIZATIONS[self.prediction](alpha, sigma, self.sigma_data)
+        out = self.net(c_in * x, self.label(t).to(x.dtype), **cond)
         if out.shape != x.shape:
             raise ValueError(f"network output has shape {tuple(out.shape)} but its input has shape {tuple(x.shape)}; "
                              "the network must return a tensor shaped like its input")
-        return out, alpha, sigma
+        return out, alpha, sigma, p, q
 
     def _check(self, x: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
@@ -111,32 +129,13 @@ class ScoreModel(nn.Module):
         return t
 
     def outputs(self, x: torch.Tensor, t: torch.Tensor, **cond) -> ModelOutput:
-        """Score, eps and x0 estimates at (x, t) (Tweedie's formula ties them together)."""
-        F, alpha, sigma = self._raw(x, t, cond)
-        a, s = bcast(alpha, x), bcast(sigma, x)
-        p = self.prediction
-        if p == "eps":
-            eps = F
-            x0 = (x - s * eps) / a
-        elif p == "score":
-            eps = -s * F
-            x0 = (x - s * eps) / a
-        elif p == "x0":
-            x0 = F
-            eps = (x - a * x0) / s
-        elif p == "v":
-            norm = a * a + s * s
-            x0 = (a * x - s * F) / norm
-            eps = (s * x + a * F) / norm
-        else:  # edm
-            n = s / a  # EDM noise level of x~ = x / alpha
-            sd2 = self.sigma_data**2
-            c_skip = sd2 / (n * n + sd2)
-            c_out = n * self.sigma_data / torch.sqrt(n * n + sd2)
-            x0 = c_skip * (x / a) + c_out * F
-            eps = (x - a * x0) / s
-        score = F if p == "score" else -eps / s
-        return ModelOutput(score=score, eps=eps, x0=x0)
+        """Score, eps and x0 estimates at (x, t): the solution of x = alpha x0 + sigma eps,
+        F = p x0 + q eps (Tweedie's formula then gives score = -eps / sigma)."""
+        F, a, s, p, q = self._raw(x, t, cond)
+        det = a * q - s * p
+        x0 = (q * x - s * F) / det
+        eps = (a * F - p * x) / det
+        return ModelOutput(score=-eps / s, eps=eps, x0=x0)
 
     def score(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """grad_x log p_t(x) estimate (the ``score_fn`` handed to samplers)."""
@@ -151,28 +150,14 @@ class ScoreModel(nn.Module):
         return self.outputs(x, t, **cond).x0
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network should output at x_t = alpha x0 + sigma eps (the regression target).
+        """What the network should output at x_t = alpha x0 + sigma eps (the regression target p x0 + q eps).
 
         A network that outputs exactly this gives score = true conditional score, so
         ``outputs(x_t, t)`` round-trips to (-eps / sigma, eps, x0).
         """
-        alpha, sigma = (c.to(x0.dtype) for c in self.sde.marginal_coeffs(t))
-        a, s = bcast(alpha, x0), bcast(sigma, x0)
-        p = self.prediction
-        if p == "eps":
-            return eps
-        if p == "score":
-            return -eps / s
-        if p == "x0":
-            return x0
-        if p == "v":
-            return a * eps - s * x0
-        n = s / a
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (n * n + sd2)
-        c_out = n * self.sigma_data / torch.sqrt(n * n + sd2)
-        x_tilde = x0 + n * eps
-        return (x0 - c_skip * x_tilde) / c_out
+        alpha, sigma = (bcast(c.to(x0.dtype), x0) for c in self.sde.marginal_coeffs(t))
+        _, p, q = PARAMETRIZATIONS[self.prediction](alpha, sigma, self.sigma_data)
+        return p * x0 + q * eps
 
     def hparams(self) -> dict:
         return {"prediction": self.prediction, "label": self.label_kind, "sigma_data": self.sigma_data}

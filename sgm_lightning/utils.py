@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import numbers
+from typing import Iterable
 
 import torch
 
@@ -56,16 +57,6 @@ def rademacher_like(x: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
 
 
-def time_tensor(t, batch: int, device, dtype=torch.float32) -> torch.Tensor:
-    """Turn a python float or a 0-d / (B,) tensor ``t`` into a (B,) tensor."""
-    t = torch.as_tensor(t, device=device, dtype=dtype)
-    if t.ndim == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-    return t
-
-
 def check_choice(name: str, value, allowed: Iterable) -> None:
     """Raise a ValueError naming the argument and its allowed values when ``value`` is not allowed."""
     allowed = list(allowed)
@@ -74,23 +65,21 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
 
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:
-    """Raise a ValueError naming the argument when ``value`` is not > 0 (or not an integer when asked)."""
-    if integer and (isinstance(value, bool) or int(value) != value):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not value > 0:
+    """Raise a ValueError naming the argument when ``value`` is not > 0 (``integer=True``: ``check_int``)."""
+    if integer:
+        check_int(name, value)
+    elif not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def check_shape(name: str, tensor: torch.Tensor, shape: Sequence[int]) -> None:
-    """Raise a ValueError when ``tensor`` does not have exactly ``shape``."""
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+def check_int(name: str, value, min: int = 1) -> int:
+    """``value`` as an int; a ValueError naming the argument unless it is an integer >= ``min``.
 
+    Integral floats (``4.0``, ``1e4`` from YAML) are accepted; bools, strings and ``4.5`` are not.
+    """
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < min:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(min, f"an integer >= {min}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
 
-def make_generator(seed: int | None, device="cpu") -> torch.Generator | None:
-    """A torch.Generator on ``device`` seeded with ``seed`` (None when seed is None)."""
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g

@@ -18,3 +18,24 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- shared constants
+# (imported with `from conftest import ...`: pytest puts tests/ on sys.path)
+
+# train.py overrides for a seconds-long CPU run on the digits: a tiny U-Net, a small global batch, no
+# progress bar or model summary. Tests add their own steps, logger and callback settings.
+TINY_TRAIN = ["net.base_channels=8", "net.channel_mults=[1]", "net.num_groups=4", "data.batch_size=8",
+              "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# ... and without a logger or the sample-grid callback
+TINY_QUIET = [*TINY_TRAIN, "logger=none", "~callbacks.samples"]
+
+
+def make_sdes(ve_sigma_max: float = 50.0) -> dict:
+    """The forward processes the math tests run on, by name. VE uses sigma_min = 0.01 and Song et al.'s
+    sigma_max = 50 unless a test needs another prior scale (it says why)."""
+    from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
+    return {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_min=0.01, sigma_max=ve_sigma_max)}
+
+
+SDES = make_sdes()

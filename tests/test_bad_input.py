@@ -14,14 +14,14 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_QUIET
 
 from sgm_lightning.training.checkpoint import atomic_save
 from sgm_lightning.cli import (ConfigError, check_batch_vs_world, check_data_vs_net, check_num_samples,
                                       run_cli)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["logger=none", "~callbacks.samples", "data.batch_size=8", "net.base_channels=8", "net.channel_mults=[1]",
-        "trainer.max_steps=2", "+trainer.enable_progress_bar=false"]
+TINY = [*TINY_QUIET, "trainer.max_steps=2"]
 
 
 def _script(name: str):

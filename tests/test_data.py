@@ -379,3 +379,18 @@ def test_mnist_embedded_data():
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (100, 1, 32, 32) and x.min() >= -1 and x.max() <= 1 and set(y.tolist()) <= set(range(10))
     assert x.min() == -1  # MNIST backgrounds are 0 -> -1
+
+
+def test_mnist_embedded_config_builds_the_module():
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sgm_lightning.training.data import MNISTEmbeddedDataModule
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=mnist_embedded"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, MNISTEmbeddedDataModule) and dm.data_shape == (1, 32, 32)

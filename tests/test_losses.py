@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from conftest import SDES
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.losses import (DDPMLoss, DSMLoss, ImplicitScoreMatchingLoss, NCSNLoss,
                                   SlicedScoreMatchingLoss)
 from sgm_lightning.parametrization import PREDICTIONS, ScoreModel
-from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
+from sgm_lightning.sde import VESDE, VPSDE
 
 
 MU, S, D = 0.3, 0.8, 2  # data N(MU, S^2 I_D)
@@ -84,7 +85,7 @@ def _close(samples, value, k=4.5):
 
 
 # --------------------------------------------------------------------------- DSM
-@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_min=0.01, sigma_max=50.0), SubVPSDE()], ids=["vp", "ve", "subvp"])
+@pytest.mark.parametrize("sde", list(SDES.values()), ids=list(SDES))
 @pytest.mark.parametrize("weighting", ["sigma2", "likelihood"])
 def test_dsm_oracle_attains_closed_form_minimum(sde, weighting):
     n = 20000

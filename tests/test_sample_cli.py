@@ -56,6 +56,49 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert "nope.ckpt" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["mode=eval", "num_samples=100"], "num_samples=100 is an option of mode=grid / mode=task, not of mode=eval"),
+    (["mode=eval", "grid_rows=2"], "grid_rows=2 is an option of mode=grid, not of mode=eval"),
+    (["metrics=randproj"], "metrics (its metrics."),
+    (["mode=task", "eval.num_samples=10"], "eval.num_samples=10 is an option of mode=eval, not of mode=task"),
+    (["mode=grid", "task_options={zeta: 1}"], "task_options={'zeta': 1} is an option of mode=task"),
+    (["mode=task"], "mode=task needs task=inpaint|colorize|superres|deblur"),
+    (["mode=foo"], "mode='foo' is not supported"),
+])
+def test_option_of_another_mode_is_an_error(overrides, needle):
+    from hydra import compose, initialize_config_dir
+
+    from sgm_lightning.cli import ConfigError, check_sample_mode, config_defaults
+    configs = os.path.join(ROOT, "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=overrides)
+    with pytest.raises(ValueError) as err:
+        check_sample_mode(cfg, config_defaults(configs, "sample"))
+    assert needle in str(err.value) and (isinstance(err.value, ConfigError) or "mode='foo'" in needle)
+
+
+def test_each_mode_accepts_its_own_options():
+    from hydra import compose, initialize_config_dir
+
+    from sgm_lightning.cli import check_sample_mode, config_defaults
+    configs = os.path.join(ROOT, "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        for mode, overrides in (("grid", ["num_samples=8", "grid_rows=2", "class_label=1", "steps=3"]),
+                                ("eval", ["mode=eval", "metrics=randproj", "eval.num_samples=16", "batch_size=8",
+                                          "data_overrides={val_fraction: 0.5}"]),
+                                ("task", ["mode=task", "task=deblur", "task_method=dps", "num_samples=4",
+                                          "task_options={zeta: 1.0}"])):
+            assert check_sample_mode(compose(config_name="sample", overrides=overrides),
+                                     config_defaults(configs, "sample")) == mode
+
+
+def test_option_of_another_mode_exits_2_before_loading(tmp_path):
+    res = run_sample(f"ckpt_path={tmp_path}/nope.ckpt", "task=inpaint", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert ("Error: task=inpaint is an option of mode=task, not of mode=grid, which would ignore it. "
+            "Use mode=task for it, or drop task.") in res.stderr
+
+
 def test_sample_writes_grid_and_uint8_npz(ckpt_path, tmp_path):
     res = run_sample(f"ckpt_path={ckpt_path}", "method=ddim", "steps=2", "num_samples=6", "batch_size=4",
                      f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h", "seed=3")
@@ -71,7 +114,7 @@ def test_sample_writes_grid_and_uint8_npz(ckpt_path, tmp_path):
 
 def test_inverse_task_mode(ckpt_path, tmp_path):
     # dict-valued options are overridable from the command line (they default to null, not a struct {})
-    res = run_sample(f"ckpt_path={ckpt_path}", "task=inpaint", "task_method=replacement", "steps=3",
+    res = run_sample(f"ckpt_path={ckpt_path}", "mode=task", "task=inpaint", "task_method=replacement", "steps=3",
                      "num_samples=4", "task_options={mask: half, snr: 0.1}", "data_overrides={val_fraction: 0.5}",
                      f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -87,7 +130,7 @@ def test_inverse_task_mode(ckpt_path, tmp_path):
 
 @pytest.mark.slow
 def test_eval_mode_with_random_projection_features(ckpt_path, tmp_path):
-    res = run_sample(f"ckpt_path={ckpt_path}", "eval.fid=true", "metrics=randproj", "eval.num_samples=16",
+    res = run_sample(f"ckpt_path={ckpt_path}", "mode=eval", "metrics=randproj", "eval.num_samples=16",
                      "metrics.reference_num_samples=64", f"metrics.cache_dir={tmp_path}/cache", "method=ddim",
                      "steps=2", "batch_size=8", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
     assert res.returncode == 0, res.stderr[-3000:]

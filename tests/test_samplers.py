@@ -9,14 +9,16 @@ import math
 
 import pytest
 import torch
+from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.samplers import METHODS, karras_sigmas, langevin
 from sgm_lightning.sampling import sample
-from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
+from sgm_lightning.sde import VESDE
 
 
-SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_min=0.01, sigma_max=10.0)}
+# VE with sigma_max = 10: the step counts below reach the tolerances within the time budget
+SDES = make_sdes(ve_sigma_max=10.0)
 # unequal weights, separated modes, one anisotropic component
 MIX = GaussianMixture([0.2, 0.8], [[-1.5, 0.5], [1.0, -0.5]],
                       [[[0.05, 0.0], [0.0, 0.05]], [[0.12, 0.03], [0.03, 0.08]]])

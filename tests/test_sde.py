@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 from torch import nn
+from conftest import SDES as BASE_SDES
 
 from sgm_lightning.parametrization import PREDICTIONS, ScoreModel
 from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
 
 
 SDES = {
-    "vp": VPSDE(),
-    "subvp": SubVPSDE(),
-    "ve": VESDE(sigma_min=0.01, sigma_max=50.0),
+    **BASE_SDES,
     "vp_cosine": VPSDE(schedule="cosine"),
     "subvp_cosine": SubVPSDE(schedule="cosine"),
 }

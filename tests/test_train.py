@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "net.base_channels=8", "net.channel_mults=[1,2]", "net.num_groups=4",
-    "data.batch_size=16", "trainer.log_every_n_steps=1",
+    *TINY_TRAIN, "trainer.log_every_n_steps=1",
     "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=4",
     "callbacks.samples.num_samples=4",
     "callbacks.samples.samplers.pc.steps=3", "callbacks.samples.samplers.ddpm.steps=3",

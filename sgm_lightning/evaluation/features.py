@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgm_lightning.utils import check_int
+
 FID_WEIGHTS_FILENAME = "default_1.pt"
 FID_WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 FID_WEIGHTS_ENV = "SGM_FID_WEIGHTS"
@@ -227,8 +229,7 @@ class RandomProjectionFeatures(nn.Module):
         self.in_shape = tuple(int(s) for s in in_shape)
         if len(self.in_shape) not in (1, 3) or any(s <= 0 for s in self.in_shape):
             raise ValueError(f"in_shape must be (C, H, W) or (D,) with positive entries, got {in_shape!r}")
-        if int(dim) != dim or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        check_int("dim", dim)
         g = torch.Generator().manual_seed(int(seed))
         self.num_features = int(dim)
         self.name = f"randproj{dim}_s{seed}"

@@ -28,14 +28,9 @@ from sgm_lightning.evaluation.fid import (
     metric_key,
 )
 from sgm_lightning.evaluation.reference import reference_statistics
+from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def chunk_seeds(num_samples: int, batch_size: int, seed: int, rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -91,10 +86,10 @@ class FIDCallback(PeriodicEvaluation):
         super().__init__()
         if every_n_steps is None and not at_validation:
             raise ValueError("set every_n_steps (an integer >= 1) and/or at_validation=True, else FID never runs")
-        self.every_n_steps = None if every_n_steps is None else _check_int("every_n_steps", every_n_steps)
+        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps)
         self.at_validation = bool(at_validation)
-        self.num_samples = _check_int("num_samples", num_samples, 2)
-        self.batch_size = _check_int("batch_size", batch_size)
+        self.num_samples = check_int("num_samples", num_samples, min=2)
+        self.batch_size = check_int("batch_size", batch_size)
         if self.num_samples % self.batch_size:
             raise ValueError(f"num_samples={num_samples} must be divisible by batch_size={batch_size}")
         if kid and kid_subset_size > num_samples:
@@ -103,7 +98,7 @@ class FIDCallback(PeriodicEvaluation):
         self.method, self.steps = method, steps
         self.sampler_options = dict(sampler_options or {})
         self.use_ema, self.seed, self.kid = bool(use_ema), int(seed), bool(kid)
-        self.kid_subset_size = _check_int("kid_subset_size", kid_subset_size)
+        self.kid_subset_size = check_int("kid_subset_size", kid_subset_size)
         self.reference_split, self.reference_num_samples = reference_split, reference_num_samples
         self.cache_dir, self.dataset_id, self.prefix = cache_dir, dataset_id, prefix
         self.key = metric_key(extractor, "fid")

@@ -2,13 +2,18 @@
 super-resolution and deblurring, with PSNR / SSIM (torchmetrics, images mapped to [0, 1]).
 
 ``run_inverse_task`` builds the operator of the task, measures the ground-truth images, runs the
-chosen solver with ``score_model.score`` and returns everything ``sample.py`` needs for a grid
-(``make_task_grid``: rows input / measurement / reconstruction / truth) and a JSON summary.
+chosen solver with ``score_model.score`` and returns everything needed for a grid (``make_task_grid``:
+rows input / measurement / reconstruction / truth) and a JSON summary; ``restore_dataset_images`` is
+``sample.py mode=task``: it restores the first images of a data module's split and writes the files.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from torch.utils.data import DataLoader
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from sgm_lightning.inverse.operators import (AvgPoolDownsample, BoxInpainting, GaussianBlur, Grayscale,
@@ -108,3 +113,49 @@ def make_task_grid(result: dict) -> torch.Tensor:
     C = rows[-1].shape[1]
     rows = [r.expand(-1, C, -1, -1) if r.shape[1] == 1 else r for r in rows]
     return torch.cat([r.detach().to(rows[-1].dtype) for r in rows], dim=0)
+
+
+def first_images(datamodule, num_images: int) -> tuple[torch.Tensor, str]:
+    """The first ``num_images`` images of the validation split (the training set when there is none),
+    in dataset order, and the split's name."""
+    datamodule.setup("fit")
+    val = getattr(datamodule, "val_dataset", None)
+    split = "val" if val is not None and len(val) > 0 else "train"
+    images, n = [], 0
+    for batch in DataLoader(val if split == "val" else datamodule.train_dataset, batch_size=256, shuffle=False):
+        images.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        n += len(images[-1])
+        if n >= num_images:
+            break
+    return torch.cat(images)[:num_images], split
+
+
+def restore_dataset_images(module, datamodule, *, task: str, method: str, num_images: int, steps: int, seed: int,
+                           use_ema: bool, out_dir: str, settings: dict | None = None, **task_options) -> dict:
+    """Restore the ``first_images`` of ``datamodule`` with ``module`` (a ``ScoreLitModule``, its EMA weights
+    when ``use_ema``) and write ``<task>_<method>_{truth,measurement,reconstruction,grid}.png`` (the grid:
+    input / measurement / reconstruction / truth, one column per image) and ``<task>_<method>_metrics.json``
+    (per-image and mean PSNR / SSIM, NFE, ``settings``). Returns the mean PSNR / SSIM and the paths."""
+    from sgm_lightning.training.viz import samples_to_image, save_image
+
+    images, split = first_images(datamodule, num_images)
+    images = images.to(module.device)
+    g = torch.Generator(device=module.device).manual_seed(int(seed))
+    with module.ema_scope(use_ema):
+        out = run_inverse_task(module.score_model, module.sde, images, task=task, method=method, steps=steps,
+                               generator=g, **task_options)
+    data_range, stem = module.hparams.data_range, os.path.join(out_dir, f"{task}_{method}")
+    paths = {key: f"{stem}_{key}.png" for key in ("truth", "measurement", "reconstruction", "grid")}
+    for key in ("truth", "measurement", "reconstruction"):
+        save_image(samples_to_image(out[key], data_range=data_range), paths[key])
+    save_image(samples_to_image(make_task_grid(out), data_range=data_range, nrow=len(images)), paths["grid"])
+    psnr, ssim = float(out["psnr"].mean()), float(out["ssim"].mean())
+    summary = {"task": out["task"], "method": out["method"], "operator": out["operator"], "split": split,
+               "num_images": len(images), "nfe": int(out["nfe"]), "psnr_mean": psnr, "ssim_mean": ssim,
+               "psnr": out["psnr"].tolist(), "ssim": out["ssim"].tolist(), **(settings or {})}
+    paths["metrics"] = f"{stem}_metrics.json"
+    with open(paths["metrics"], "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[sample] {task} with {method} on {len(images)} {split} images: PSNR {psnr:.2f} dB, "
+          f"SSIM {ssim:.3f}, NFE {out['nfe']}; grid {paths['grid']}")
+    return {"psnr": psnr, "ssim": ssim, **paths}

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from sgm_lightning.evaluation.periodic import PeriodicEvaluation
 from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
 from sgm_lightning.evaluation.reference import batch_images
-from sgm_lightning.utils import check_choice, num_dims
+from sgm_lightning.utils import check_choice, check_int, num_dims
 
 
 def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | None = None, n_dequant: int = 1,
@@ -69,14 +69,13 @@ class LikelihoodCallback(PeriodicEvaluation):
         super().__init__()
         if every_n_steps is None and not at_validation:
             raise ValueError("set every_n_steps (an integer >= 1) and/or at_validation=True, else bpd never runs")
-        for name, v in (("num_batches", num_batches), ("n_dequant", n_dequant)) + (
-                (("every_n_steps", every_n_steps),) if every_n_steps is not None else ()):
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if every_n_steps is not None:
+            every_n_steps = check_int("every_n_steps", every_n_steps)
         check_choice("trace", trace, ("hutchinson", "exact"))
         check_choice("split", split, ("train", "val", "test"))
         self.every_n_steps, self.at_validation = every_n_steps, bool(at_validation)
-        self.num_batches, self.n_dequant, self.trace, self.split = int(num_batches), int(n_dequant), trace, split
+        self.num_batches, self.n_dequant = check_int("num_batches", num_batches), check_int("n_dequant", n_dequant)
+        self.trace, self.split = trace, split
         self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
         self.prog_bar_key = "bpd"
         self.solver_options = dict(solver_options or {})

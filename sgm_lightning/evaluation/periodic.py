@@ -6,7 +6,6 @@ import logging
 from typing import Mapping
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -16,24 +15,20 @@ def log_evaluation(trainer: L.Trainer, pl_module: L.LightningModule, prefix: str
                    *, on_step: bool, prog_bar: str | None = None) -> None:
     """Log ``{prefix}/{name}: value`` once, at the current global step, and expose it to ``monitor=``.
 
-    The values are already reduced over ranks (every rank holds the same number). From a training
-    hook (``on_step``) they go straight to the loggers at ``trainer.global_step`` and into
-    ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=...)`` / ``EarlyStopping`` read):
-    ``self.log`` from ``on_train_batch_end`` would keep the value in the step results and log it again,
-    stale, at the next step. At the end of a validation epoch ``self.log`` is the right tool.
+    The values are already reduced over ranks (every rank holds the same number, so ``sync_dist=False``).
+    At the end of a validation epoch ``pl_module.log`` does both. From a training hook (``on_step``),
+    ``pl_module.log`` would hand the value to the loggers only on ``log_every_n_steps`` boundaries, so
+    the figures go to the loggers directly (``Logger.log_metrics`` at ``trainer.global_step``) and
+    ``pl_module.log(..., logger=False)`` puts them in ``trainer.callback_metrics`` (what
+    ``ModelCheckpoint(monitor=...)`` / ``EarlyStopping`` read) and the progress bar.
     """
     metrics = {f"{prefix}/{name}": float(v) for name, v in values.items()}
-    if not on_step:
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False,
-                          prog_bar=key == f"{prefix}/{prog_bar}")
-        return
     for key, value in metrics.items():
-        trainer.callback_metrics[key] = torch.tensor(value)
-    if prog_bar is not None:
-        trainer.progress_bar_metrics[f"{prefix}/{prog_bar}"] = metrics[f"{prefix}/{prog_bar}"]
-    for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
-        logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=not on_step, sync_dist=False,
+                      rank_zero_only=False, prog_bar=key == f"{prefix}/{prog_bar}")
+    if on_step:
+        for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class PeriodicEvaluation(Callback):

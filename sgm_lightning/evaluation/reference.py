@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from sgm_lightning.evaluation.features import extractor_name
 from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
+from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,8 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
         keep_features: also store / return the raw features (for KID). A cached entry without them
             is recomputed.
     """
-    if num_samples is not None and (int(num_samples) != num_samples or num_samples < 2):
-        raise ValueError(f"num_samples must be an integer >= 2 or None (whole split), got {num_samples!r}")
+    if num_samples is not None:
+        check_int("num_samples (None: whole split)", num_samples, min=2)
     resolution = _resolution(data, resolution)
     name = extractor_name(extractor)
     key = reference_key(dataset_id, resolution, split, name, num_samples)

@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sgm_lightning.evaluation.fid_callback import chunk_seeds, shared_reference_statistics
-from sgm_lightning.evaluation.likelihood_callback import batch_bits_per_dim
 from sgm_lightning.evaluation.features import extractor_name
 from sgm_lightning.evaluation.fid import (
     compute_seeded,
@@ -33,15 +32,7 @@ from sgm_lightning.evaluation.fid import (
     make_kid_metric,
     metric_key,
 )
-from sgm_lightning.evaluation.reference import batch_images
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images (B, C, H, W) -> uint8 (B, H, W, C) (2-D data (B, D) -> float32 as is)."""
-    if x.ndim != 4:
-        return x.detach().float().cpu().numpy()
-    p = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return p.permute(0, 2, 3, 1).cpu().numpy()
+from sgm_lightning.training.viz import to_images
 
 
 class _Chunks(Dataset):
@@ -93,7 +84,7 @@ class _SampleTask(L.LightningModule):
             self.kid.update(x, real=False)
         if self.inception is not None:
             self.inception.update(x)
-        return chunk, to_uint8(x)
+        return chunk, to_images(x)
 
     def on_predict_epoch_end(self) -> None:
         ext = self.fid.inception
@@ -173,28 +164,3 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
                     os.unlink(out / f"samples.rank{r}.npz")
         result["samples_path"] = str(out / "samples.npz")
     return result
-
-
-@torch.no_grad()
-def evaluate_bpd(module, datamodule, *, split: str = "test", num_batches: int | None = None, n_dequant: int = 1,
-                 trace: str = "hutchinson", seed: int = 0, use_ema: bool = True, n_bits: int = 8,
-                 solver_options: dict | None = None) -> dict:
-    """Bits/dim of the ``split`` data (single process), averaged over examples and ``n_dequant`` draws.
-
-    ``module`` provides ``score_fn()``, ``sde``, ``ema_scope`` (``ScoreLitModule``); ``datamodule`` a
-    ``<split>_dataloader()``. Returns {"bpd", "bpd_sem" (standard error over examples), "num_examples", settings}.
-    """
-    loader = getattr(datamodule, f"{split}_dataloader")()
-    device = next(module.parameters()).device
-    g = torch.Generator(device=device).manual_seed(int(seed))
-    values, nfe = [], 0
-    for i, batch in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
-            break
-        bpd, nfe = batch_bits_per_dim(module, batch_images(batch).to(device), g, n_dequant, trace, use_ema, n_bits,
-                                      **(solver_options or {}))
-        values.append(bpd.cpu())
-    v = torch.cat(values)
-    return {"bpd": float(v.mean()), "bpd_sem": float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan"),
-            "num_examples": len(v), "split": split, "n_dequant": n_dequant, "trace": trace, "seed": seed,
-            "use_ema": use_ema, "nfe": nfe, "solver_options": dict(solver_options or {})}

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sgm_lightning.utils import check_choice, randn_like
+from sgm_lightning.utils import check_choice, check_int, randn_like
 
 
 def _check_image(x: torch.Tensor, name: str = "x") -> None:
@@ -126,10 +126,10 @@ class BoxInpainting(Inpainting):
     def __init__(self, box: tuple[int, int, int, int] | None = None, sigma_y: float = 0.0):
         super().__init__(sigma_y=sigma_y)
         if box is not None:
-            if len(box) != 4 or any(int(b) != b or b < 0 for b in box) or box[2] <= 0 or box[3] <= 0:
-                raise ValueError(f"box must be (top, left, height, width) with non-negative ints and "
-                                 f"positive height/width, got {box!r}")
-            box = tuple(int(b) for b in box)
+            if len(box) != 4:
+                raise ValueError(f"box must be (top, left, height, width), got {box!r}")
+            box = tuple(check_int(f"box[{i}] ({what})", b, min=0 if i < 2 else 1)
+                        for i, (what, b) in enumerate(zip(("top", "left", "height", "width"), box)))
         self.box = box
 
     def make_mask(self, shape):
@@ -206,8 +206,7 @@ class Grayscale(LinearOperator):
     def __init__(self, weights: str = "mean", channels: int = 3, sigma_y: float = 0.0):
         super().__init__(sigma_y=sigma_y)
         check_choice("weights", weights, self.WEIGHTS)
-        if int(channels) != channels or channels < 2:
-            raise ValueError(f"channels must be an integer >= 2 (colour images), got {channels!r}")
+        check_int("channels (colour images)", channels, min=2)
         if weights == "luminance" and channels != 3:
             raise ValueError(f"weights='luminance' needs channels=3, got {channels}; use weights='mean'")
         self.weights = weights
@@ -283,7 +282,7 @@ class GaussianBlur(LinearOperator):
 
     def __init__(self, kernel_size: int = 9, sigma: float = 2.0, padding: str = "reflect", sigma_y: float = 0.0):
         super().__init__(sigma_y=sigma_y)
-        if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+        if check_int("kernel_size", kernel_size) % 2 == 0:
             raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size!r}")
         if not sigma > 0:
             raise ValueError(f"sigma (blur std in pixels) must be > 0, got {sigma!r}")

@@ -24,7 +24,7 @@ from sgm_lightning.samplers.ancestral import posterior_coeffs
 from sgm_lightning.samplers.common import CountingScore, SampleResult, batch_time, per_example_norm, time_grid, tweedie_x0
 from sgm_lightning.samplers.pc import langevin_correct, predict
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import bcast, check_choice, check_positive, randn_like
+from sgm_lightning.utils import bcast, check_choice, check_int, check_positive, randn_like
 
 GUIDANCE = ("normalized", "likelihood")
 
@@ -56,7 +56,7 @@ def _start(sde, operator, y, shape, x_T, generator):
 
 
 def _check_common(steps, eps, operator):
-    check_positive("steps", steps, integer=True)
+    check_int("steps", steps)
     if eps is not None and not eps > 0:
         raise ValueError(f"eps (last sampling time) must be > 0, got {eps!r}")
     if not isinstance(operator, LinearOperator):
@@ -147,8 +147,7 @@ def replacement_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Te
     _check_common(steps, eps, operator)
     _needs_pinv(operator, "replacement")
     check_positive("snr", snr)
-    if int(corrector_steps) != corrector_steps or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be a non-negative integer, got {corrector_steps!r}")
+    check_int("corrector_steps", corrector_steps, min=0)
     score = CountingScore(score_fn)
     eps = sde.default_eps if eps is None else float(eps)
     x = _start(sde, operator, y, shape, x_T, generator)
@@ -173,9 +172,9 @@ def repaint_schedule(steps: int, jump_length: int, resamplings: int) -> list[int
     Going down one level at a time; on reaching a multiple k of ``jump_length`` (below
     steps - jump_length) for the first ``resamplings - 1`` times, jump back up ``jump_length`` levels.
     """
-    check_positive("steps", steps, integer=True)
-    check_positive("jump_length", jump_length, integer=True)
-    check_positive("resamplings", resamplings, integer=True)
+    check_int("steps", steps)
+    check_int("jump_length", jump_length)
+    check_int("resamplings", resamplings)
     left = {k: resamplings - 1 for k in range(0, steps - jump_length, jump_length)}
     k, seq = steps, [steps]
     while k > 0:

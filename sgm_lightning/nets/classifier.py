@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgm_lightning.nets.embeddings import TimeEmbedding, check_label
+from sgm_lightning.nets.embeddings import TimeEmbedding, check_even, check_label
 from sgm_lightning.nets.mlp import ConditionedMLP, flatten_check
 from sgm_lightning.nets.unet import UNetEncoder, check_image, group_norm
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int
 
 
 class NoisyClassifier(nn.Module):
@@ -40,8 +40,8 @@ class NoisyClassifier(nn.Module):
                  fourier_scale: float = 16.0, num_groups: int = 32, resample_with_conv: bool = True,
                  skip_rescale: bool = True, attention_heads: int = 1):
         super().__init__()
-        check_positive("num_classes", num_classes, integer=True)
-        check_positive("base_channels", base_channels, integer=True)
+        check_int("num_classes", num_classes)
+        check_int("base_channels", base_channels)
         check_choice("embedding", embedding, ("sinusoidal", "fourier"))
         if base_channels % 2:
             raise ValueError(f"base_channels must be even (it sizes the sin/cos time features), got {base_channels}")
@@ -88,11 +88,9 @@ class MLPClassifier(nn.Module):
                  embedding_dim: int = 64, embedding: str = "sinusoidal", fourier_scale: float = 16.0,
                  activation: str = "silu"):
         super().__init__()
-        check_positive("num_classes", num_classes, integer=True)
-        check_positive("hidden_dim", hidden_dim, integer=True)
-        check_positive("embedding_dim", embedding_dim, integer=True)
-        if embedding_dim % 2:
-            raise ValueError(f"embedding_dim must be even (sin and cos halves), got {embedding_dim}")
+        check_int("num_classes", num_classes)
+        check_int("hidden_dim", hidden_dim)
+        check_even("embedding_dim", embedding_dim)
         self._hparams = dict(dim=dim, num_classes=num_classes, hidden_dim=hidden_dim, num_layers=num_layers,
                              embedding_dim=embedding_dim, embedding=embedding, fourier_scale=fourier_scale,
                              activation=activation)

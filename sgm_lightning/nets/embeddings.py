@@ -20,15 +20,16 @@ import math
 import torch
 from torch import nn
 
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int, check_positive
 
 EMBEDDINGS = ("sinusoidal", "fourier")
 
 
-def _check_even(name: str, value: int) -> None:
-    check_positive(name, value, integer=True)
-    if value % 2:
+def check_even(name: str, value: int) -> int:
+    """``value`` as an int; a ValueError naming it unless it is an even positive integer (sin / cos halves)."""
+    if check_int(name, value) % 2:
         raise ValueError(f"{name} must be an even positive integer (sin and cos halves), got {value!r}")
+    return int(value)
 
 
 def check_label(label: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def sinusoidal_embedding(label: torch.Tensor, dim: int, max_period: float = 1000
     [1/max_period, 1], so labels from ~1e-2 (log sigma / 4) up to ~1e3 (999 t) are resolved.
     Computed in float32 (or float64 for float64 labels) for accuracy at large labels.
     """
-    _check_even("dim", dim)
+    check_even("dim", dim)
     half = dim // 2
     dtype = torch.float64 if label.dtype == torch.float64 else torch.float32
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=label.device, dtype=dtype) / half)
@@ -69,7 +70,7 @@ class GaussianFourierFeatures(nn.Module):
 
     def __init__(self, dim: int, scale: float = 16.0):
         super().__init__()
-        _check_even("dim", dim)
+        check_even("dim", dim)
         check_positive("fourier_scale", scale)
         self.dim = int(dim)
         self.scale = float(scale)
@@ -95,10 +96,10 @@ class TimeEmbedding(nn.Module):
     def __init__(self, dim: int, kind: str = "sinusoidal", fourier_scale: float = 16.0,
                  out_dim: int | None = None):
         super().__init__()
-        _check_even("dim", dim)
+        check_even("dim", dim)
         check_choice("embedding", kind, EMBEDDINGS)
         out_dim = 4 * dim if out_dim is None else out_dim
-        check_positive("out_dim", out_dim, integer=True)
+        check_int("out_dim", out_dim)
         self.dim, self.kind, self.out_dim = int(dim), kind, int(out_dim)
         self.fourier = GaussianFourierFeatures(dim, fourier_scale) if kind == "fourier" else None
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
@@ -122,8 +123,8 @@ class LabelEmbedding(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        check_positive("num_classes", num_classes, integer=True)
-        check_positive("dim", dim, integer=True)
+        check_int("num_classes", num_classes)
+        check_int("dim", dim)
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.table = nn.Embedding(num_classes + 1, dim)
 
@@ -147,3 +148,16 @@ class LabelEmbedding(nn.Module):
                              f"(null label), got values in [{int(y.min())}, {int(y.max())}]")
         y = torch.where(y < 0, torch.full_like(y, self.num_classes), y).long()
         return self.table(y)
+
+
+def embed_conditions(time_embed: nn.Module, label_embed: LabelEmbedding | None, label, x: torch.Tensor,
+                     y: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(time embedding of ``label`` + class embedding of ``y``): the conditioning vector of a score
+    network (``label_embed`` None: unconditional network, which refuses class labels)."""
+    emb = time_embed(check_label(label, x))
+    if label_embed is not None:
+        emb = emb + label_embed(y, batch=x.shape[0], device=x.device)
+    elif y is not None:
+        raise ValueError("class labels y were given but the network has num_classes=None; "
+                         "build it with num_classes=K for class conditioning")
+    return nn.functional.silu(emb)

@@ -13,11 +13,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_label
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_even, embed_conditions
+from sgm_lightning.utils import check_choice, check_int
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
                "tanh": nn.Tanh}
@@ -52,7 +51,7 @@ class ConditionedMLP(nn.Module):
         super().__init__()
         for name, value in (("dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
                             ("num_layers", num_layers)):
-            check_positive(name, value, integer=True)
+            check_int(name, value)
         self.act = make_activation(activation)
         self.inp = nn.Linear(in_dim, hidden_dim)
         self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_layers - 1))
@@ -90,13 +89,11 @@ class MLPScoreNet(nn.Module):
                  embedding: str = "sinusoidal", fourier_scale: float = 16.0, num_classes: int | None = None,
                  activation: str = "silu"):
         super().__init__()
-        check_positive("dim", dim, integer=True)
-        check_positive("hidden_dim", hidden_dim, integer=True)
-        check_positive("embedding_dim", embedding_dim, integer=True)
-        if embedding_dim % 2:
-            raise ValueError(f"embedding_dim must be even (sin and cos halves), got {embedding_dim}")
+        check_int("dim", dim)
+        check_int("hidden_dim", hidden_dim)
+        check_even("embedding_dim", embedding_dim)
         if num_classes is not None:
-            check_positive("num_classes", num_classes, integer=True)
+            check_int("num_classes", num_classes)
         self._hparams = dict(dim=dim, hidden_dim=hidden_dim, num_layers=num_layers, embedding_dim=embedding_dim,
                              embedding=embedding, fourier_scale=fourier_scale, num_classes=num_classes,
                              activation=activation)
@@ -111,13 +108,7 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         flat = flatten_check(x, self.dim)
-        emb = self.time_embed(check_label(label, x))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, batch=x.shape[0], device=x.device)
-        elif y is not None:
-            raise ValueError("class labels y were given but the network has num_classes=None; "
-                             "build it with num_classes=K for class conditioning")
-        return self.trunk(flat, F.silu(emb)).reshape(x.shape)
+        return self.trunk(flat, embed_conditions(self.time_embed, self.label_embed, label, x, y)).reshape(x.shape)
 
 
 class NoiseFreeMLP(nn.Module):

@@ -23,7 +23,6 @@ The network is called ``net(x, label, y=None)`` and never sees the SDE.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from typing import Sequence
 
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, check_label
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, embed_conditions
+from sgm_lightning.utils import check_choice, check_int
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
@@ -141,16 +140,10 @@ class EmbSequential(nn.ModuleList):
 
 def _int_tuple(name: str, values, allow_empty: bool) -> tuple[int, ...]:
     """``values`` (list, tuple, Hydra ListConfig, ...) as a tuple of positive ints, else ValueError."""
-    msg = f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of positive integers, got {values!r}"
-    if isinstance(values, (int, str)):
-        raise ValueError(msg)
-    try:
-        out = tuple(operator.index(v) for v in values)
-    except TypeError:
-        raise ValueError(msg) from None
-    if (not out and not allow_empty) or any(v <= 0 for v in out):
-        raise ValueError(msg)
-    return out
+    if isinstance(values, (int, str)) or not hasattr(values, "__iter__") or (not allow_empty and not len(values)):
+        raise ValueError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of positive integers, "
+                         f"got {values!r}")
+    return tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(values))
 
 
 class UNetEncoder(nn.Module):
@@ -169,7 +162,7 @@ class UNetEncoder(nn.Module):
         for name, value in (("in_channels", in_channels), ("image_size", image_size),
                             ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
                             ("num_groups", num_groups), ("attention_heads", attention_heads)):
-            check_positive(name, value, integer=True)
+            check_int(name, value)
         mults = _int_tuple("channel_mults", channel_mults, allow_empty=False)
         attn = _int_tuple("attn_resolutions", attn_resolutions, allow_empty=True)
         if not 0.0 <= dropout < 1.0:
@@ -254,11 +247,11 @@ class UNet(nn.Module):
                  resample_with_conv: bool = True, skip_rescale: bool = True, attention_heads: int = 1):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        check_positive("out_channels", out_channels, integer=True)
+        check_int("out_channels", out_channels)
         check_choice("embedding", embedding, ("sinusoidal", "fourier"))
         if num_classes is not None:
-            check_positive("num_classes", num_classes, integer=True)
-        check_positive("base_channels", base_channels, integer=True)
+            check_int("num_classes", num_classes)
+        check_int("base_channels", base_channels)
         if base_channels % 2:
             raise ValueError(f"base_channels must be even (it sizes the sin/cos time features), got {base_channels}")
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
@@ -299,13 +292,7 @@ class UNet(nn.Module):
 
     def embed(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """SiLU(time embedding + class embedding), (B, 4 * base_channels)."""
-        emb = self.time_embed(check_label(label, x))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, batch=x.shape[0], device=x.device)
-        elif y is not None:
-            raise ValueError("class labels y were given but the network has num_classes=None; "
-                             "build it with num_classes=K for class conditioning")
-        return F.silu(emb)
+        return embed_conditions(self.time_embed, self.label_embed, label, x, y)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_image(x, self.in_channels, self.image_size)

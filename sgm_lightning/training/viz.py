@@ -16,11 +16,20 @@ import torch
 from einops import rearrange
 
 from sgm_lightning.training.data.ranges import to_unit
+from sgm_lightning.utils import check_int
 
 
 def to_uint8(x: torch.Tensor, data_range: str = "[-1,1]") -> torch.Tensor:
-    """Values in ``data_range`` -> uint8 in [0, 255] (clipped, rounded), same shape."""
+    """Values in ``data_range`` -> uint8 in [0, 255] (clipped, rounded), same shape (the one converter)."""
     return (to_unit(x.detach().to(torch.float32), data_range).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_images(x: torch.Tensor, data_range: str = "[-1,1]") -> np.ndarray:
+    """A batch as a numpy array to store: images (B, C, H, W) -> uint8 (B, H, W, C) via ``to_uint8``;
+    other data (2-D points, ...) -> float32 as is."""
+    if x.ndim != 4:
+        return x.detach().float().cpu().numpy()
+    return to_uint8(x.cpu(), data_range).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(
@@ -33,12 +42,9 @@ def make_grid(
     """
     if x.ndim != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    padding = check_int("padding", padding, min=0)
     b, c = x.shape[:2]
-    nrow = int(nrow) if nrow is not None else max(1, math.ceil(math.sqrt(b)))
-    if nrow <= 0:
-        raise ValueError(f"nrow must be a positive integer, got {nrow}")
+    nrow = check_int("nrow", nrow) if nrow is not None else max(1, math.ceil(math.sqrt(b)))
     ncol_rows = math.ceil(b / nrow)
     img = to_uint8(x.cpu(), data_range)
     if ncol_rows * nrow > b:  # fill the last row with blank tiles
@@ -79,6 +85,21 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
     return grid
 
 
+def samples_to_image(x: torch.Tensor, data_range: str = "[-1,1]", nrow: int | None = None,
+                     min_size: int = 256) -> np.ndarray:
+    """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points.
+
+    Small grids (e.g. of 8x8 digits) are enlarged by an integer factor (nearest neighbour) to at
+    least ``min_size`` pixels so that they are readable.
+    """
+    x = x.detach().float().cpu()
+    if x.ndim == 2:
+        return scatter_image(x)
+    grid = make_grid(x, nrow=nrow or math.ceil(math.sqrt(x.shape[0])), data_range=data_range)
+    factor = max(1, -(-min_size // max(grid.shape[:2])))
+    return np.ascontiguousarray(grid.repeat(factor, axis=0).repeat(factor, axis=1))
+
+
 def scatter_image(
     points: torch.Tensor, size: int = 256, range: Sequence[float] | None = (-3.0, 3.0), gamma: float = 0.5
 ) -> np.ndarray:
@@ -90,8 +111,7 @@ def scatter_image(
     """
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"points must have shape (B, 2), got {tuple(points.shape)}")
-    if size <= 0:
-        raise ValueError(f"size must be a positive integer, got {size}")
+    size = check_int("size", size)
     p = points.detach().to(torch.float64).cpu()
     if range is None:
         lo, hi = float(p.min()), float(p.max())

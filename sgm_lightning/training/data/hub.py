@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, split_indices
 from sgm_lightning.training.data.ranges import check_data_range, from_unit, to_unit
+from sgm_lightning.utils import check_int
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ class HFImageDataModule(BaseDataModule):
         random_flip: random horizontal flips of training images.
         center_crop: crop the central square before resizing (default: the alias's setting, else False).
         cache_dir: Hugging Face cache directory (default: ``root`` for Hub ids, else the HF default).
-        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
+        loader_options: batch_size (default 128), num_workers, pin_memory, persistent_workers, seed,
+            val_fraction (default 0), data_range, val_batch_size of
+            :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(
@@ -134,32 +137,16 @@ class HFImageDataModule(BaseDataModule):
         random_flip: bool = False,
         center_crop: bool | None = None,
         cache_dir: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.0,
-        data_range: str = "[-1,1]",
-        val_batch_size: int | None = None,
+        **loader_options,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            data_range=data_range,
-            val_batch_size=val_batch_size,
-        )
+        super().__init__(**{"batch_size": 128, "val_fraction": 0.0, **loader_options})
         self.save_hyperparameters(logger=False)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a dataset alias ({', '.join(HUB_ALIASES)}), a Hub id, or 'imagefolder'")
         if channels is not None and channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not supported; allowed values: 1 (L), 3 (RGB), None (auto)")
-        if image_size is not None and (int(image_size) != image_size or image_size < 2):
-            raise ValueError(f"image_size must be an integer >= 2 or None, got {image_size!r}")
+        if image_size is not None:
+            check_int("image_size", image_size, min=2)
         self.name, self.split, self.val_split = name, split, val_split
         self.root = Path(root).expanduser() if root is not None else None
         if name == "imagefolder" and self.root is None:
@@ -308,7 +295,7 @@ class MapDataModule(BaseDataModule):
         num_classes: number of classes (None: unconditional / unknown).
         dataset_id: cache key for reference statistics (default: the dataset's class name and shape).
         input_range: range of tensor items, "[0,1]" (torchvision ToTensor) or "[-1,1]"; None: keep as is.
-        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
+        loader_options: as for :class:`HFImageDataModule` (batch_size 128, val_fraction 0 by default).
     """
 
     def __init__(
@@ -320,25 +307,9 @@ class MapDataModule(BaseDataModule):
         num_classes: int | None = None,
         dataset_id: str | None = None,
         input_range: str | None = "[0,1]",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.0,
-        data_range: str = "[-1,1]",
-        val_batch_size: int | None = None,
+        **loader_options,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            data_range=data_range,
-            val_batch_size=val_batch_size,
-        )
+        super().__init__(**{"batch_size": 128, "val_fraction": 0.0, **loader_options})
         self.save_hyperparameters(ignore=["dataset", "val_dataset"], logger=False)
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise ValueError(f"dataset must be a map-style Dataset (with __getitem__ and __len__), got {type(dataset)}")

@@ -18,6 +18,7 @@ import torch
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, LabelledTensorDataset
+from sgm_lightning.utils import check_int
 
 TOY_NAMES = ("gaussian_mixture", "two_moons", "swiss_roll", "checkerboard", "rings")
 
@@ -77,7 +78,9 @@ class ToyDataModule(BaseDataModule):
         weights: mixture weights (K,) of ``gaussian_mixture`` (default: uniform).
         means: (K, D) component means of ``gaussian_mixture`` (default: 8 points on a circle of radius 2).
         std: component standard deviation, a scalar or (K,) values (isotropic components).
-        batch_size, ...: see :class:`~sgm_lightning.training.data.base.BaseDataModule`.
+        loader_options: batch_size (default 256), num_workers, pin_memory, persistent_workers, seed,
+            val_fraction (default 0.05), data_range, val_batch_size of
+            :class:`~sgm_lightning.training.data.base.BaseDataModule`.
     """
 
     def __init__(
@@ -89,30 +92,13 @@ class ToyDataModule(BaseDataModule):
         weights: Sequence[float] | None = None,
         means: Sequence[Sequence[float]] | None = None,
         std: float | Sequence[float] = 0.2,
-        batch_size: int = 256,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.05,
-        data_range: str = "[-1,1]",
-        val_batch_size: int | None = None,
+        **loader_options,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            data_range=data_range,
-            val_batch_size=val_batch_size,
-        )
+        super().__init__(**{"batch_size": 256, "val_fraction": 0.05, **loader_options})
         self.save_hyperparameters(logger=False)
         if name not in TOY_NAMES:
             raise ValueError(f"name={name!r} is not a toy dataset; allowed values: {', '.join(TOY_NAMES)}")
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples <= 0:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        check_int("n_samples", n_samples)
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
         self.name, self.n_samples, self.noise = name, int(n_samples), float(noise)
