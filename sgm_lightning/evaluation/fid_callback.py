@@ -28,6 +28,7 @@ from sgm_lightning.evaluation.fid import (
     metric_key,
 )
 from sgm_lightning.evaluation.reference import reference_statistics
+from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class FIDCallback(PeriodicEvaluation):
             g = torch.Generator(device=pl_module.device).manual_seed(seed)
             res = pl_module.generate(self.batch_size, method=self.method, steps=self.steps, generator=g,
                                      batch_size=self.batch_size, use_ema=self.use_ema, **self.sampler_options)
-            x = res.samples.clamp(-1.0, 1.0)
+            x = to_signed(res.samples, pl_module.hparams.get("data_range", "[-1,1]"))
             nfe = int(getattr(res, "nfe", 0) or 0)
             self._fid.update(x, real=False)
             if self._kid is not None:

@@ -18,17 +18,21 @@ from torchmetrics import MeanMetric
 from sgm_lightning.evaluation.periodic import PeriodicEvaluation
 from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
 from sgm_lightning.evaluation.reference import batch_images
+from sgm_lightning.training.data.ranges import range_bounds
 from sgm_lightning.utils import check_choice, check_int, num_dims
 
 
 def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | None = None, n_dequant: int = 1,
                        trace: str = "hutchinson", use_ema: bool = True, n_bits: int = 8,
                        **solver_options) -> tuple[torch.Tensor, int]:
-    """Bits/dim per example (B,) of images ``x`` (in [-1, 1]) under ``module``'s probability-flow ODE,
-    averaged over ``n_dequant`` uniform dequantizations; also returns the NFE of the last solve.
+    """Bits/dim per example (B,) of images ``x`` (in the module's ``data_range``, [-1, 1] or [0, 1])
+    under ``module``'s probability-flow ODE, averaged over ``n_dequant`` uniform dequantizations;
+    also returns the NFE of the last solve.
 
-    ``module`` provides ``score_fn()``, ``sde`` and ``ema_scope(use_ema)`` (``ScoreLitModule``).
+    ``module`` provides ``score_fn()``, ``sde``, ``ema_scope(use_ema)`` and ``hparams.data_range``
+    (``ScoreLitModule``).
     """
+    lo, hi = range_bounds(module.hparams.get("data_range", "[-1,1]"))
     was_training = module.training
     module.eval()
     total, nfe = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), 0
@@ -37,10 +41,11 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
         with torch.inference_mode(False), torch.enable_grad(), module.ema_scope(use_ema):
             x = x.clone()
             for _ in range(int(n_dequant)):
-                xd = dequantize(x, generator, n_bits=n_bits).to(x.device)
+                xd = dequantize(x, generator, n_bits=n_bits, data_min=lo, data_max=hi).to(x.device)
                 res = log_likelihood(module.score_fn(), module.sde, xd, trace=trace, generator=generator,
                                      **solver_options)
-                total += bits_per_dim(res.nll.detach(), num_dims(x), n_bits=n_bits).double()
+                total += bits_per_dim(res.nll.detach(), num_dims(x), n_bits=n_bits, data_min=lo,
+                                      data_max=hi).double()
                 nfe = int(res.nfe)
     finally:
         module.train(was_training)

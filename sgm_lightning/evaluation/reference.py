@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from sgm_lightning.evaluation.features import extractor_name
 from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
+from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,11 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
 
 @torch.no_grad()
 def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_samples: int | None = None,
-                                device: torch.device | str | None = None, keep_features: bool = False):
+                                device: torch.device | str | None = None, keep_features: bool = False,
+                                data_range: str = "[-1,1]"):
     """Accumulate (mu, Sigma, n) of ``extractor`` features over the first ``num_samples`` images of
-    ``batches`` (all when None) with ``FrechetInceptionDistance``'s float64 running sums.
-    Returns (mu, sigma, n, features or None)."""
+    ``batches`` (all when None, values in ``data_range``, mapped to the extractors' [-1, 1]) with
+    ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None)."""
     metric = make_fid_metric(extractor)
     if device is not None:
         metric = metric.to(device)
@@ -146,7 +148,7 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
             x = x[: num_samples - seen]
         if x.shape[0] == 0:
             break
-        x = x.to(dev)
+        x = to_signed(x.to(dev), data_range)
         metric.update(x, real=True)
         if keep_features:
             kept.append(extractor(x).float().cpu())
@@ -164,7 +166,8 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
 def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split: str = "train",
                          num_samples: int | None = 50_000, cache_dir: str | os.PathLike | None = None, *,
                          resolution=None, keep_features: bool = False,
-                         device: torch.device | str | None = None, batch_size: int = 250) -> ReferenceStats:
+                         device: torch.device | str | None = None, batch_size: int = 250,
+                         data_range: str | None = None) -> ReferenceStats:
     """Real statistics of ``extractor`` features on ``split`` of a dataset, cached on disk.
 
     Args:
@@ -179,6 +182,8 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
         resolution: data shape for the key; default ``data.data_shape``.
         keep_features: also store / return the raw features (for KID). A cached entry without them
             is recomputed.
+        data_range: range of the data's values (default: ``data.data_range``, else "[-1,1]"); the
+            images are mapped to [-1, 1] first, so the statistics (and key) do not depend on it.
     """
     if num_samples is not None:
         check_int("num_samples (None: whole split)", num_samples, min=2)
@@ -199,7 +204,8 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
                                       path, True, feats, meta)
     log.info("reference statistics: computing %s (%s)", path, meta)
     mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split, batch_size, num_samples), num_samples,
-                                                      device=device, keep_features=keep_features)
+                                                      device=device, keep_features=keep_features,
+                                                      data_range=data_range or getattr(data, "data_range", "[-1,1]"))
     arrays = {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": np.int64(n), **{k: np.asarray(v) for k, v in meta.items()}}
     if feats is not None:
         arrays["features"] = feats.numpy()

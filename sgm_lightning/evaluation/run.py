@@ -32,6 +32,7 @@ from sgm_lightning.evaluation.fid import (
     make_kid_metric,
     metric_key,
 )
+from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.training.viz import to_images
 
 
@@ -77,7 +78,7 @@ class _SampleTask(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(cfg["seed"] + chunk)
         res = self.model.generate(cfg["batch_size"], method=cfg["method"], steps=cfg["steps"], generator=g,
                                   batch_size=cfg["batch_size"], use_ema=cfg["use_ema"], **cfg["sampler_options"])
-        x = res.samples.clamp(-1.0, 1.0)
+        x = to_signed(res.samples, self.model.hparams.get("data_range", "[-1,1]"))
         self.nfe = int(getattr(res, "nfe", 0) or 0)
         self.fid.update(x, real=False)
         if self.kid is not None:

@@ -29,3 +29,9 @@ def to_unit(x: torch.Tensor, data_range: str) -> torch.Tensor:
     """Map values in ``data_range`` back to [0, 1] (no clipping)."""
     lo, hi = range_bounds(data_range)
     return (x - lo) / (hi - lo)
+
+
+def to_signed(x: torch.Tensor, data_range: str) -> torch.Tensor:
+    """Map values in ``data_range`` to [-1, 1], clipped: the range the feature networks of the
+    evaluation layer expect, whatever range the model was trained in."""
+    return from_unit(to_unit(x, data_range).clamp(0.0, 1.0), "[-1,1]")
