@@ -31,20 +31,22 @@ import inspect
 
 import torch
 
-from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, heun, ode, pc
+from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_sde, heun, ode, pc, unipc
 from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice
 
 __all__ = ["sample", "SampleResult", "METHODS", "default_steps"]
 
-_RUNNERS = {"pc": pc, "ddpm": ddpm, "ddim": ddim, "ode": ode, "heun": heun, "ald": ald}
+_RUNNERS = {"pc": pc, "ddpm": ddpm, "ddim": ddim, "ode": ode, "heun": heun, "ald": ald, "dpm2m": dpm2m,
+            "dpm3m": dpm3m, "dpm_sde": dpm_sde, "unipc": unipc}
 _COMMON = ("eps", "device", "dtype", "x_T", "callback", "return_trajectory", "denoise")
 
 
 def default_steps(method: str, sde: SDE) -> int | None:
     """Default ``steps`` per method (None for the adaptive ODE solver)."""
-    return {"pc": sde.N, "ddpm": sde.N, "ddim": 100, "ode": None, "heun": 18, "ald": 10}[method]
+    return {"pc": sde.N, "ddpm": sde.N, "ddim": 100, "ode": None, "heun": 18, "ald": 10, "dpm2m": 10, "dpm3m": 10,
+            "dpm_sde": 20, "unipc": 10}[method]
 
 
 def _method_options(method: str) -> tuple[str, ...]:

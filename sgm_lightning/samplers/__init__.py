@@ -2,17 +2,20 @@
 
 Modules: ``common`` (result type, NFE counting, grids, Tweedie, Langevin step), ``pc``
 (predictor-corrector), ``ancestral`` (DDPM, DDIM), ``ode`` (probability flow), ``heun`` (EDM),
-``ald`` (annealed / plain Langevin).
+``ald`` (annealed / plain Langevin), ``exponential`` (DPM-Solver++, UniPC), ``grids`` (time grids), ``dopri``
+(adaptive Dormand-Prince).
 """
 
 from sgm_lightning.samplers.ald import ald, langevin
 from sgm_lightning.samplers.ancestral import ddim, ddpm
 from sgm_lightning.samplers.common import SampleResult
-from sgm_lightning.samplers.heun import heun, karras_sigmas
+from sgm_lightning.samplers.exponential import dpm2m, dpm3m, dpm_sde, unipc
+from sgm_lightning.samplers.grids import GRIDS, karras_sigmas, make_grid
+from sgm_lightning.samplers.heun import heun
 from sgm_lightning.samplers.ode import ode
 from sgm_lightning.samplers.pc import CORRECTORS, PREDICTORS, pc
 
-METHODS = ("pc", "ddpm", "ddim", "ode", "heun", "ald")
+METHODS = ("pc", "ddpm", "ddim", "ode", "heun", "ald", "dpm2m", "dpm3m", "dpm_sde", "unipc")
 
 __all__ = ["METHODS", "PREDICTORS", "CORRECTORS", "SampleResult", "pc", "ddpm", "ddim", "ode", "heun", "ald",
-           "langevin", "karras_sigmas"]
+           "langevin", "karras_sigmas", "GRIDS", "make_grid", "dpm2m", "dpm3m", "dpm_sde", "unipc"]

@@ -4,7 +4,8 @@ Written once for every SDE: predictors ask the reverse-time SDE object (``sde.re
 for its drift / discretization, the corrector asks ``sde.transition_coeffs`` for the one-step
 signal scale. Nothing here branches on the SDE's type.
 
-Grid: t_0 = T > ... > t_{n-1} = eps (``linspace(T, eps, steps)``, float64). At every t_i the
+Grid: t_0 = T > ... > t_{n-1} = eps (``grid``: "uniform" = ``linspace(T, eps, steps)`` by default, or
+"logsnr" / "karras", see ``grids``; float64). At every t_i the
 corrector runs ``corrector_steps`` Langevin steps at t_i, then the predictor moves from t_i to
 t_{i+1} (t_n = 0: the last predictor step goes from eps to 0). With ``denoise=True`` the sampler
 returns the last predictor step's noise-free mean x_mean (as score_sde does).
@@ -35,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from sgm_lightning.samplers.ancestral import posterior_step
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm, time_grid
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_positive, randn_like
 
@@ -81,7 +83,7 @@ def langevin_correct(sde: SDE, score: CountingScore, x: torch.Tensor, t: torch.T
 def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
        generator: torch.Generator | None, denoise: bool, record: Recorder,
        predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
-       corrector_steps: int = 1, snr_norm: str = "batch") -> torch.Tensor:
+       corrector_steps: int = 1, snr_norm: str = "batch", grid: str = "uniform") -> torch.Tensor:
     """Predictor-corrector sampler (Song et al. 2021, Alg. 1); see the module docstring."""
     check_choice("predictor", predictor, PREDICTORS)
     check_choice("corrector", corrector, CORRECTORS)
@@ -93,7 +95,7 @@ def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: floa
     if predictor == "none" and n_corr == 0:
         raise ValueError("predictor='none' needs corrector='langevin' with corrector_steps >= 1")
     eps = sde.default_eps if eps is None else eps
-    grid = time_grid(sde.T, eps, steps, device=x.device)
+    grid = make_grid(grid, sde, eps, steps, device=x.device)
     grid = torch.cat([grid, grid.new_zeros(1)])
     x_mean = x
     for i in range(steps):
