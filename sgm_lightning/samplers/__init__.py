@@ -3,19 +3,22 @@
 Modules: ``common`` (result type, NFE counting, grids, Tweedie, Langevin step), ``pc``
 (predictor-corrector), ``ancestral`` (DDPM, DDIM), ``ode`` (probability flow), ``heun`` (EDM),
 ``ald`` (annealed / plain Langevin), ``exponential`` (DPM-Solver++, UniPC), ``grids`` (time grids), ``dopri``
-(adaptive Dormand-Prince).
+(adaptive Dormand-Prince), ``reverse_sde`` (torchsde solvers), ``encode`` (PF-ODE encode / decode / interpolate).
 """
 
 from sgm_lightning.samplers.ald import ald, langevin
 from sgm_lightning.samplers.ancestral import ddim, ddpm
 from sgm_lightning.samplers.common import SampleResult
+from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.samplers.exponential import dpm2m, dpm3m, dpm_sde, unipc
 from sgm_lightning.samplers.grids import GRIDS, karras_sigmas, make_grid
 from sgm_lightning.samplers.heun import heun
 from sgm_lightning.samplers.ode import ode
+from sgm_lightning.samplers.reverse_sde import SDE_SOLVERS, sde_solve
 from sgm_lightning.samplers.pc import CORRECTORS, PREDICTORS, pc
 
-METHODS = ("pc", "ddpm", "ddim", "ode", "heun", "ald", "dpm2m", "dpm3m", "dpm_sde", "unipc")
+METHODS = ("pc", "ddpm", "ddim", "ode", "heun", "ald", "dpm2m", "dpm3m", "dpm_sde", "unipc", "sde")
 
 __all__ = ["METHODS", "PREDICTORS", "CORRECTORS", "SampleResult", "pc", "ddpm", "ddim", "ode", "heun", "ald",
-           "langevin", "karras_sigmas", "GRIDS", "make_grid", "dpm2m", "dpm3m", "dpm_sde", "unipc"]
+           "langevin", "karras_sigmas", "GRIDS", "make_grid", "dpm2m", "dpm3m", "dpm_sde", "unipc", "sde_solve", "SDE_SOLVERS",
+           "encode", "decode", "slerp", "interpolate"]
