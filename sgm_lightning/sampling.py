@@ -11,8 +11,9 @@ dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations)
             corrector_steps. steps default sde.N.
     "ddpm"  ancestral sampling (Ho et al. 2020, Alg. 2 / Song et al. 2021, Eq. 47). steps default sde.N.
     "ddim"  DDIM (Song, Meng & Ermon 2021, Eq. 12); option eta (0). steps default 100.
-    "ode"   probability-flow ODE (Song et al. 2021, Eq. 13) with torchdiffeq; options solver
-            ("dopri5"), rtol, atol (1e-5). steps: fixed-grid solvers only (default 100).
+    "ode"   probability-flow ODE (Song et al. 2021, Eq. 13); options solver ("rk45": Dormand-Prince
+            with the standard controller, or any torchdiffeq method), rtol, atol (1e-5), grid.
+            steps: fixed-grid solvers only (default 100).
     "heun"  EDM Heun sampler (Karras et al. 2022, Alg. 1); options rho (7), s_churn, s_tmin,
             s_tmax, s_noise. steps default 18 (NFE 35).
     "ald"   annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); options steps_per_level (100),

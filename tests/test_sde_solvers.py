@@ -10,30 +10,11 @@ from sgm_lightning.samplers.common import CountingScore
 from sgm_lightning.samplers.pc import hmc_correct
 from sgm_lightning.sampling import sample
 from sgm_lightning.sde import VESDE, VPSDE
+from tests.test_samplers import energy_distance_pvalue
 
 SDES = {"vp": VPSDE(), "ve": VESDE(sigma_min=0.01, sigma_max=10.0)}
 MIX = GaussianMixture([0.2, 0.8], [[-1.5, 0.5], [1.0, -0.5]],
                       [[[0.05, 0.0], [0.0, 0.05]], [[0.12, 0.03], [0.03, 0.08]]])
-
-
-def _energy(x, y):
-    x, y = x.double(), y.double()
-    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
-
-
-def _energy_pvalue(x, y, n_perm=100, seed=0):
-    """Permutation p-value of the energy distance between two samples."""
-    z = torch.cat([x, y]).double()
-    d = torch.cdist(z, z)
-    n = x.shape[0]
-
-    def stat(idx):
-        a, b = idx[:n], idx[n:]
-        return 2 * d[a][:, b].mean() - d[a][:, a].mean() - d[b][:, b].mean()
-
-    g = torch.Generator().manual_seed(seed)
-    obs = stat(torch.arange(z.shape[0]))
-    return (1 + sum(float(stat(torch.randperm(z.shape[0], generator=g)) >= obs) for _ in range(n_perm))) / (1 + n_perm)
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
@@ -46,7 +27,7 @@ def test_torchsde_solvers_reproduce_the_mixture(sde_name, solver, steps, adaptiv
     w = MIX.responsibilities(res.samples).argmax(1).double().mean().item()
     assert abs(w - 0.8) < 0.05, w  # binomial SE 0.014
     data = MIX.sample(800, generator=torch.Generator().manual_seed(2)).float()
-    assert _energy_pvalue(res.samples, data) > 0.01
+    assert energy_distance_pvalue(res.samples, data) > 0.01
 
 
 def test_milstein_equals_euler_for_state_independent_diffusion():
@@ -80,7 +61,7 @@ def test_hmc_corrector_leaves_p_t_invariant(sde_name):
     assert score.nfe == 20 * 4
     moved = (y - x).norm(dim=1).mean() / x.std(0).norm()
     assert moved > 0.3, moved
-    assert _energy_pvalue(y, fresh) > 0.01
+    assert energy_distance_pvalue(y, fresh) > 0.01
 
 
 def test_pc_with_hmc_corrector_reproduces_the_mixture():
@@ -91,4 +72,4 @@ def test_pc_with_hmc_corrector_reproduces_the_mixture():
     w = MIX.responsibilities(res.samples).argmax(1).double().mean().item()
     assert abs(w - 0.8) < 0.05, w
     data = MIX.sample(800, generator=torch.Generator().manual_seed(2)).float()
-    assert _energy_pvalue(res.samples, data) > 0.01
+    assert energy_distance_pvalue(res.samples, data) > 0.01

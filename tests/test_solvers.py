@@ -211,3 +211,17 @@ def test_rk45_needs_no_more_nfe_than_scipy_and_is_accurate():
     fn = GAUSS.score_fn(sde)
     res = sample(fn, sde, (32, 2), "ode", x_T=x_T[:32], dtype=torch.float64, denoise=False, rtol=1e-8, atol=1e-8)
     assert (res.samples - _exact_flow(sde, x_T[:32], sde.default_eps)).abs().max() < 1e-5
+
+
+def test_rk45_step_size_collapse_is_a_clear_error():
+    """y' = y^2, y(0) = 1 blows up at t = 1 (and a singular drift): the controller shrinks the step to the time resolution
+    and stops with an error instead of looping."""
+    from sgm_lightning.samplers.dopri import StepSizeUnderflow, dopri5
+
+    with pytest.raises(StepSizeUnderflow, match="underflow"):
+        dopri5(lambda t, y: y * y, torch.ones(3, dtype=torch.float64), 0.0, 2.0, 1e-6, 1e-6)
+    with pytest.raises(StepSizeUnderflow, match="underflow"):  # a non-integrable singularity at t = 0.5
+        dopri5(lambda t, y: torch.full_like(y, 1.0 / (t - 0.5) ** 2), torch.zeros(3, dtype=torch.float64),
+               0.0, 1.0, 1e-6, 1e-6)
+    y = dopri5(lambda t, y: -y, torch.ones(3, dtype=torch.float64), 0.0, 2.0, 1e-8, 1e-8)  # and a smooth one
+    torch.testing.assert_close(y, torch.full((3,), math.exp(-2.0), dtype=torch.float64), rtol=1e-7, atol=0.0)

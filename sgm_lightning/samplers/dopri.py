@@ -8,6 +8,8 @@ rejection); a rejected step shrinks by max(0.2, 0.9 err^(-1/5)).
 First step (Hairer et al., Sec. II.4): h0 = 0.01 ||y0|| / ||f0||, one Euler probe y0 + h0 f0 gives
 an estimate of the second derivative d2, and h = min(100 h0, (0.01 / max(||f0||, d2))^(1/5)), all
 norms scaled by atol + rtol |y0|. NFE = 2 + 6 (accepted + rejected steps).
+A step below 10 units of t's resolution in the state's dtype (``func`` sees t in that dtype) stops
+the solver with ``StepSizeUnderflow``, as scipy does at 10 ulp of float64.
 The state is advanced in float64 whatever ``func`` works in.
 """
 
@@ -27,6 +29,10 @@ _A = ((),
       (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
 _B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # b5 - b4
+class StepSizeUnderflow(RuntimeError):
+    """The controller needed a step below 10 ulp(t)."""
+
+
 SAFETY, MIN_FACTOR, MAX_FACTOR, ORDER = 0.9, 0.2, 10.0, 4  # ORDER: of the embedded error estimate
 
 
@@ -53,6 +59,7 @@ def dopri5(func: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor
            rtol: float, atol: float) -> torch.Tensor:
     """Integrate dy/dt = func(t, y) from t0 to t1 (either direction) to tolerance rtol / atol; returns y(t1)."""
     dtype = y0.dtype
+    t_res = torch.finfo(dtype).eps  # func sees t in y0's dtype: finer steps in t are not resolved
 
     def f(t: float, y: torch.Tensor) -> torch.Tensor:
         return func(t, y.to(dtype)).to(torch.float64)
@@ -63,7 +70,8 @@ def dopri5(func: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor
     h_abs = _initial_step(f, t, y, k, direction, rtol, atol, span)
     rejected = False
     while direction * (t1 - t) > 0:
-        min_step = 10 * math.ulp(abs(t))
+        min_step = 10 * max(math.ulp(abs(t)), t_res * abs(t))
+        at_min = h_abs <= min_step
         h_abs = max(h_abs, min_step)
         t_new = t + direction * h_abs
         if direction * (t_new - t1) > 0:
@@ -83,8 +91,8 @@ def dopri5(func: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor
             t, y, k, rejected = t_new, y_new, k_new, False
             h_abs = abs(h) * factor
         else:
-            if abs(h) <= min_step:
-                raise RuntimeError(f"the adaptive ODE solver could not keep its step size above zero at t={t}")
+            if at_min:
+                raise StepSizeUnderflow(f"underflow in dt at t={t}")
             h_abs = abs(h) * max(MIN_FACTOR, SAFETY * err ** (-1 / (ORDER + 1)))
             rejected = True
     return y.to(dtype)

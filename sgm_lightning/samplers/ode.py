@@ -19,7 +19,7 @@ import sys
 import torch
 import torchdiffeq  # noqa: F401  (registers torchdiffeq._impl.odeint)
 
-from sgm_lightning.samplers.dopri import dopri5
+from sgm_lightning.samplers.dopri import StepSizeUnderflow, dopri5
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
@@ -61,16 +61,17 @@ def pf_ode_path(score, sde: SDE, x: torch.Tensor, times: torch.Tensor, solver: s
     def func(t, y):
         return rsde.sde(y, batch_time(torch.as_tensor(t, dtype=torch.float64), y))[0]
 
-    if solver == "rk45":
-        return [dopri5(func, x, float(times[0]), float(times[-1]), rtol, atol)]
     kwargs = {"rtol": rtol, "atol": atol} if not is_fixed_grid(solver) else {}
-    # torchdiffeq evaluates times in the state's dtype; keep the grid there.
     try:
+        if solver == "rk45":
+            return [dopri5(func, x, float(times[0]), float(times[-1]), rtol, atol)]
+        # torchdiffeq evaluates times in the state's dtype; keep the grid there.
         path = torchdiffeq.odeint(func, x, times.to(x.dtype), method=solver, **kwargs)
-    except AssertionError as e:  # torchdiffeq's adaptive step control: "underflow in dt ..."
+    except (AssertionError, StepSizeUnderflow) as e:  # adaptive step control: "underflow in dt ..."
         if "underflow" not in str(e):
             raise
-        raise RuntimeError(f"the adaptive ODE solver {solver!r} could not keep its step size above zero ({e}): "
+        name = "'rk45' (Dormand-Prince, as dopri5)" if solver == "rk45" else repr(solver)
+        raise RuntimeError(f"the adaptive ODE solver {name} could not keep its step size above zero ({e}): "
                            "the probability-flow drift is too stiff for rtol/atol (typical of a barely trained "
                            "model near t = eps); use a fixed-grid solver (solver='rk4', steps=...), a larger eps, "
                            "or looser rtol/atol") from e
