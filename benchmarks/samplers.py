@@ -39,7 +39,7 @@ SOLVERS = {
     "pc": ("pc", lambda b: max(1, b // 2), {}),
     "pc(hmc)": ("pc", lambda b: max(1, b // 5), {"corrector": "hmc"}),
     "sde(euler)": ("sde", lambda b: b - 1, {"solver": "euler"}),
-    "sde(srk)": ("sde", lambda b: max(1, (b - 1) // 10), {"solver": "srk"}),
+    "sde(srk)": ("sde", lambda b: max(1, (b - 1) // 4), {"solver": "srk"}),
     "ald": ("ald", lambda b: max(1, b - 1), {"steps_per_level": 1}),
 }
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
@@ -83,8 +83,8 @@ def main():
         for k, (label, (method, steps_for, opts)) in enumerate(SOLVERS.items()):
             pts, cells = [], []
             for b in BUDGETS:
-                res = sample(fn, sde, (args.n, 2), method, steps=steps_for(b), generator=torch.Generator().manual_seed(0),
-                             **opts)
+                res = sample(fn, sde, (args.n, 2), method, steps=steps_for(b),
+                             generator=torch.Generator().manual_seed(0), **opts)
                 ed = energy_distance(res.samples, data)
                 pts.append((res.nfe, ed))
                 cells.append(f"{ed:.4f}" + (f" ({res.nfe})" if res.nfe != b else ""))

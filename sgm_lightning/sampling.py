@@ -1,4 +1,4 @@
-"""``sample``: one entry point for every sampler (DESIGN.md section 2).
+"""``sample``: one entry point for every sampler (part of the public API).
 
     result = sample(score_fn, sde, shape, method, steps=None, generator=None, **options)
     result.samples  # tensor of ``shape``
@@ -8,7 +8,7 @@
 dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations):
 
     "pc"    predictor-corrector (Song et al. 2021, Alg. 1-3); options predictor, corrector, snr,
-            corrector_steps. steps default sde.N.
+            corrector_steps, hmc_leapfrog, hmc_persistence. steps default sde.N.
     "ddpm"  ancestral sampling (Ho et al. 2020, Alg. 2 / Song et al. 2021, Eq. 47). steps default sde.N.
     "ddim"  DDIM (Song, Meng & Ermon 2021, Eq. 12); option eta (0). steps default 100.
     "ode"   probability-flow ODE (Song et al. 2021, Eq. 13); options solver ("rk45": Dormand-Prince
@@ -23,7 +23,7 @@ dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations)
     "dpm_sde"  SDE-DPM-Solver++(2M); options grid, rho. steps default 20.
     "unipc" UniPC (Zhao et al. 2023); options order (2: UniP-2 + UniC, order 3), grid, rho.
             steps default 10 (NFE = steps).
-    "sde"   reverse-time SDE with torchsde; options solver (euler | milstein | "srk"), adaptive (False),
+    "sde"   reverse-time SDE with torchsde; options solver (euler | milstein | srk, default srk), adaptive (False),
             rtol, atol (1e-3). steps default 100.
 
 Time grids (``grid`` = "uniform" | "logsnr" | "karras", ``sgm_lightning.samplers.grids``): every

@@ -59,10 +59,14 @@ def test_slerp():
 def test_interpolate_ends_at_the_inputs():
     sde = VPSDE()
     fn = MIX.score_fn(sde)
-    x = MIX.sample(2, generator=torch.Generator().manual_seed(4))
-    res = interpolate(fn, sde, x[:1], x[1:], n=5)
-    assert res.samples.shape == (5, 2) and res.nfe > 0
-    torch.testing.assert_close(res.samples[0], x[0], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(res.samples[-1], x[1], rtol=1e-3, atol=1e-3)
+    x = MIX.sample(6, generator=torch.Generator().manual_seed(4))
+    res = interpolate(fn, sde, x[:3], x[3:], n=5)
+    assert res.samples.shape == (3, 5, 2) and res.nfe > 0
+    torch.testing.assert_close(res.samples[:, 0], x[:3], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(res.samples[:, -1], x[3:], rtol=1e-3, atol=1e-3)
+    # the middle of each row is the decoded slerp midpoint of that pair's latents
+    z = encode(fn, sde, x).samples
+    mid = decode(fn, sde, slerp(z[:3], z[3:], 0.5)).samples
+    torch.testing.assert_close(res.samples[:, 2], mid, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="n must"):
-        interpolate(fn, sde, x[:1], x[1:], n=1)
+        interpolate(fn, sde, x[:1], x[1:2], n=1)

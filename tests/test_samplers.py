@@ -180,7 +180,8 @@ def test_nfe_counts():
              ("ald", 3, {"steps_per_level": 4, "denoise": False}, 12), ("ode", 10, {"solver": "euler"}, 11),
              ("ode", 10, {"solver": "rk4"}, 41), ("ode", 10, {"solver": "midpoint", "denoise": False}, 20),
              ("dpm2m", 6, {}, 6), ("dpm3m", 6, {"denoise": False}, 5), ("unipc", 6, {}, 6), ("dpm_sde", 6, {}, 6),
-             ("pc", 4, {"corrector": "hmc", "hmc_leapfrog": 2}, 16), ("sde", 10, {"solver": "euler"}, 11)]
+             ("pc", 4, {"corrector": "hmc", "hmc_leapfrog": 2}, 16), ("sde", 10, {"solver": "euler"}, 11),
+             ("sde", 5, {"solver": "srk"}, 21)]
     for method, steps, opts, nfe in cases:
         calls.clear()
         res = sample(score, sde, (8, 2), method, steps=steps, generator=g, **opts)

@@ -214,8 +214,8 @@ def test_rk45_needs_no_more_nfe_than_scipy_and_is_accurate():
 
 
 def test_rk45_step_size_collapse_is_a_clear_error():
-    """y' = y^2, y(0) = 1 blows up at t = 1 (and a singular drift): the controller shrinks the step to the time resolution
-    and stops with an error instead of looping."""
+    """y' = y^2, y(0) = 1 blows up at t = 1 (and a singular drift): the controller shrinks the step to
+    the time resolution and stops with an error instead of looping."""
     from sgm_lightning.samplers.dopri import StepSizeUnderflow, dopri5
 
     with pytest.raises(StepSizeUnderflow, match="underflow"):

@@ -13,8 +13,8 @@ Any linear SDE has p_t(x) = alpha^{-D} p~(x / alpha; n), p~(.; n) = p_data * N(0
 noise-to-signal ratio n = sigma(t) / alpha(t): in the scaled variable x~ = x / alpha the SDE's
 marginals are exactly NCSN's perturbed densities with sigma = n. Langevin runs on x~ with
 sigma_i = n(t_i) at L times t_1 = T > ... > t_L = eps; the default ``grid="logsnr"`` makes n
-geometric (for VE, x~ = x and this is NCSN's geometric sigma ladder); the score of p~ is alpha grad log p_t(alpha x~). Without the
-scaling, VP-type chains would have to undo the shrinking by alpha(t) with steps ~ sigma_i^2 and
+geometric (for VE, x~ = x and this is NCSN's geometric sigma ladder); the score of p~ is
+alpha grad log p_t(alpha x~). Without the scaling, VP-type chains would have to undo the shrinking by alpha(t) with steps ~ sigma_i^2 and
 stay biased. The default ``step_lr`` is 0.2 sigma_L^2, the paper's ratio (2e-5 for sigma_L = 0.01). With ``denoise=True`` the sampler returns
 Tweedie's x0_hat at the last level (Song & Ermon 2020's final denoising step; one extra NFE).
 NFE = L * steps_per_level (+ 1).

@@ -73,16 +73,20 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, w) -> torch.Tensor:
 
 
 def interpolate(score_fn, sde: SDE, x0: torch.Tensor, x1: torch.Tensor, n: int = 8, **ode_options) -> SampleResult:
-    """Decode n latents slerped between encode(x0) and encode(x1) (x0, x1: one example each, shape (1, ...)).
+    """Interpolate between the pairs (x0[p], x1[p]) through their probability-flow latents.
 
-    Returns ``.samples`` of shape (n, ...) (first = x0, last = x1 up to solver error) and the total NFE.
+    Encodes x0 and x1 (both (P, ...)), slerps the latents at n weights 0, 1 / (n - 1), ..., 1 and
+    decodes them. Returns ``.samples`` of shape (P, n, ...) (row p runs from x0[p] to x1[p], the ends
+    equal to the inputs up to the solver tolerance; a P x n image grid) and the total NFE.
+    ``ode_options``: eps, solver, rtol, atol, steps, grid (as for ``encode``).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
-    if x0.shape != x1.shape or x0.shape[0] != 1:
-        raise ValueError(f"x0 and x1 must both have shape (1, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if x0.shape != x1.shape or x0.ndim < 2:
+        raise ValueError(f"x0 and x1 must have the same shape (P, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    P, event = x0.shape[0], x0.shape[1:]
     enc = encode(score_fn, sde, torch.cat([x0, x1]), **ode_options)
-    z0, z1 = enc.samples[:1].expand(n, *x0.shape[1:]), enc.samples[1:].expand(n, *x0.shape[1:])
-    w = torch.linspace(0, 1, n, dtype=torch.float64, device=x0.device)
+    z0, z1 = (z.repeat_interleave(n, dim=0) for z in enc.samples.split(P))
+    w = torch.linspace(0, 1, n, dtype=torch.float64, device=x0.device).repeat(P)
     dec = decode(score_fn, sde, slerp(z0, z1, w), **ode_options)
-    return SampleResult(samples=dec.samples, nfe=enc.nfe + dec.nfe)
+    return SampleResult(samples=dec.samples.reshape(P, n, *event), nfe=enc.nfe + dec.nfe)

@@ -7,10 +7,10 @@ ODE with sigma(t) = t, s(t) = 1 (Eq. 4 with Table 1 "EDM"):
 
     dx~/dn = (x~ - D(x~; n)) / n,    D(x~; n) = x0_hat = (x + sigma^2 grad log p_t(x)) / alpha  (Tweedie),
 
-evaluated at x = alpha(t) x~, t = ``sde.t_from_noise_to_signal(n)``. Noise levels n_i = n(t_i) come from the
-time grid (``grid``, default "karras": Karras et al.'s Eq. 5 ladder from n_max = n(T) to
-n_min = n(eps) with exponent ``rho``; see ``grids``), followed by n_N = 0. Each step is Heun's method; the last step (to n_N = 0) is an
-Euler step, which lands exactly on D(x~; n_min), i.e. Tweedie's x0_hat at t = eps: that is the
+evaluated at x = alpha(t) x~, t = ``sde.t_from_noise_to_signal(n)``. Noise levels n_i = n(t_i)
+come from the time grid (``grid``, default "karras": Karras et al.'s Eq. 5 ladder from
+n_max = n(T) to n_min = n(eps) with exponent ``rho``; see ``grids``), followed by n_N = 0. Each
+step is Heun's method; the last step (to n_N = 0) is an Euler step, which lands exactly on D(x~; n_min), i.e. Tweedie's x0_hat at t = eps: that is the
 ``denoise=True`` output. NFE = 2 N - 1. With ``denoise=False`` the last step is dropped and the
 sampler returns x at t = eps (NFE = 2 N - 2).
 
