@@ -1,4 +1,4 @@
-"""``sample``: one entry point for every sampler (the public sampling API).
+"""``sample``: one entry point for every sampler (part of the public API).
 
     result = sample(score_fn, sde, shape, method, steps=None, generator=None, **options)
     result.samples  # tensor of ``shape``
@@ -8,15 +8,29 @@
 dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations):
 
     "pc"    predictor-corrector (Song et al. 2021, Alg. 1-3); options predictor, corrector, snr,
-            corrector_steps. steps default sde.N.
+            corrector_steps, hmc_leapfrog, hmc_persistence. steps default sde.N.
     "ddpm"  ancestral sampling (Ho et al. 2020, Alg. 2 / Song et al. 2021, Eq. 47). steps default sde.N.
     "ddim"  DDIM (Song, Meng & Ermon 2021, Eq. 12); option eta (0). steps default 100.
-    "ode"   probability-flow ODE (Song et al. 2021, Eq. 13) with torchdiffeq; options solver
-            ("dopri5"), rtol, atol (1e-5). steps: fixed-grid solvers only (default 100).
+    "ode"   probability-flow ODE (Song et al. 2021, Eq. 13); options solver ("rk45": Dormand-Prince
+            with the standard controller, or any torchdiffeq method), rtol, atol (1e-5), grid.
+            steps: fixed-grid solvers only (default 100).
     "heun"  EDM Heun sampler (Karras et al. 2022, Alg. 1); options rho (7), s_churn, s_tmin,
             s_tmax, s_noise. steps default 18 (NFE 35).
     "ald"   annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); options steps_per_level (100),
             step_lr (2e-5). steps = number of noise levels, default 10.
+    "dpm2m", "dpm3m"  DPM-Solver++(2M) / (3M) (Lu et al. 2022b); options grid ("logsnr"), rho (7).
+            steps default 10 (NFE = steps).
+    "dpm_sde"  SDE-DPM-Solver++(2M); options grid, rho. steps default 20.
+    "unipc" UniPC (Zhao et al. 2023); options order (2: UniP-2 + UniC, order 3), grid, rho.
+            steps default 10 (NFE = steps).
+    "sde"   reverse-time SDE with torchsde; options solver (euler | milstein | srk, default srk), adaptive (False),
+            rtol, atol (1e-3). steps default 100.
+
+Time grids (``grid`` = "uniform" | "logsnr" | "karras", ``sgm_lightning.samplers.grids``): every
+method except "sde" takes one; the defaults keep each method's classic grid (uniform for pc, ddpm,
+ddim, ode; karras for heun; logsnr for ald and the exponential integrators). The corrector of "pc"
+may be "hmc" (options hmc_leapfrog, hmc_persistence). PF-ODE encoding: ``encode``, ``decode``,
+``slerp``, ``interpolate`` (``sgm_lightning.samplers.encode``).
 
 Options common to all methods: ``eps`` (end time, default ``sde.default_eps``), ``device``,
 ``dtype`` (float32), ``x_T`` (start point instead of ``sde.prior_sampling``), ``callback(i, t, x)``
@@ -31,20 +45,23 @@ import inspect
 
 import torch
 
-from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, heun, ode, pc
+from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_sde, heun, ode, pc, sde_solve, unipc
 from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
+from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice
 
-__all__ = ["sample", "SampleResult", "METHODS", "default_steps"]
+__all__ = ["sample", "SampleResult", "METHODS", "default_steps", "encode", "decode", "slerp", "interpolate"]
 
-_RUNNERS = {"pc": pc, "ddpm": ddpm, "ddim": ddim, "ode": ode, "heun": heun, "ald": ald}
+_RUNNERS = {"pc": pc, "ddpm": ddpm, "ddim": ddim, "ode": ode, "heun": heun, "ald": ald, "dpm2m": dpm2m,
+            "dpm3m": dpm3m, "dpm_sde": dpm_sde, "unipc": unipc, "sde": sde_solve}
 _COMMON = ("eps", "device", "dtype", "x_T", "callback", "return_trajectory", "denoise")
 
 
 def default_steps(method: str, sde: SDE) -> int | None:
     """Default ``steps`` per method (None for the adaptive ODE solver)."""
-    return {"pc": sde.N, "ddpm": sde.N, "ddim": 100, "ode": None, "heun": 18, "ald": 10}[method]
+    return {"pc": sde.N, "ddpm": sde.N, "ddim": 100, "ode": None, "heun": 18, "ald": 10, "dpm2m": 10, "dpm3m": 10,
+            "dpm_sde": 20, "unipc": 10, "sde": 100}[method]
 
 
 def _method_options(method: str) -> tuple[str, ...]:
@@ -69,7 +86,7 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
         score_fn: callable ``score_fn(x, t) -> grad_x log p_t(x)`` (t of shape (B,), x's dtype).
         sde: the forward process (``sgm_lightning.sde.SDE``).
         shape: (B, ...) shape of the samples.
-        method: one of METHODS ("pc", "ddpm", "ddim", "ode", "heun", "ald").
+        method: one of METHODS.
         steps: number of steps (levels for "ald"); None = the method's default (``default_steps``).
         generator: torch.Generator on the sampling device (None = global RNG).
         **options: the common options (module doc) and the method's own options.

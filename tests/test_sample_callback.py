@@ -48,5 +48,5 @@ def test_ode_step_size_underflow_is_a_clear_runtime_error():
     mix = GaussianMixture([1.0], [[0.0, 0.0]], [1e-12])  # a near-point mass: score ~ -x / sigma(t)^2
 
     with pytest.raises(RuntimeError, match=r"dopri5.*step size.*solver='rk4'"):
-        sample(mix.score_fn(sde), sde, (4, 2), "ode", eps=1e-7, rtol=1e-9, atol=1e-9,
+        sample(mix.score_fn(sde), sde, (4, 2), "ode", eps=1e-7, rtol=1e-9, atol=1e-9, solver="dopri5",
                generator=torch.Generator().manual_seed(0))

@@ -12,9 +12,9 @@ sigma_1 > ... > sigma_L, on p_{sigma_i}, with step alpha_i = step_lr sigma_i^2 /
 Any linear SDE has p_t(x) = alpha^{-D} p~(x / alpha; n), p~(.; n) = p_data * N(0, n^2 I) with the
 noise-to-signal ratio n = sigma(t) / alpha(t): in the scaled variable x~ = x / alpha the SDE's
 marginals are exactly NCSN's perturbed densities with sigma = n. Langevin runs on x~ with
-sigma_i = n(t_i) at L times t_1 = T > ... > t_L = eps where n is geometric (for VE, x~ = x and this
-is NCSN's geometric sigma ladder); the score of p~ is alpha grad log p_t(alpha x~). Without the
-scaling, VP-type chains would have to undo the shrinking by alpha(t) with steps ~ sigma_i^2 and
+sigma_i = n(t_i) at L times t_1 = T > ... > t_L = eps; the default ``grid="logsnr"`` makes n
+geometric (for VE, x~ = x and this is NCSN's geometric sigma ladder); the score of p~ is
+alpha grad log p_t(alpha x~). Without the scaling, VP-type chains would have to undo the shrinking by alpha(t) with steps ~ sigma_i^2 and
 stay biased. The default ``step_lr`` is 0.2 sigma_L^2, the paper's ratio (2e-5 for sigma_L = 0.01). With ``denoise=True`` the sampler returns
 Tweedie's x0_hat at the last level (Song & Ermon 2020's final denoising step; one extra NFE).
 NFE = L * steps_per_level (+ 1).
@@ -22,12 +22,12 @@ NFE = L * steps_per_level (+ 1).
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, tweedie_x0
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_positive, randn_like
 
@@ -57,24 +57,14 @@ def langevin(score_fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
     return x
 
 
-def ald_times(sde: SDE, levels: int, eps: float, device=None) -> torch.Tensor:
-    """L times from T to eps with geometric noise-to-signal ratio (float64, shape (L,))."""
-    n_hi = sde.noise_to_signal(torch.tensor(sde.T, dtype=torch.float64))
-    n_lo = sde.noise_to_signal(torch.tensor(eps, dtype=torch.float64))
-    ratios = torch.exp(torch.linspace(math.log(float(n_hi)), math.log(float(n_lo)), levels, dtype=torch.float64))
-    times = sde.t_from_noise_to_signal(ratios)
-    times[0], times[-1] = sde.T, eps  # exact end points
-    return times.to(device)
-
-
 def ald(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
         generator: torch.Generator | None, denoise: bool, record: Recorder, steps_per_level: int = 100,
-        step_lr: float | None = None) -> torch.Tensor:
+        step_lr: float | None = None, grid: str = "logsnr") -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) with ``steps`` noise levels; see module doc."""
     if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or steps_per_level <= 0:
         raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
     eps = sde.default_eps if eps is None else eps
-    times = ald_times(sde, steps, eps, device=x.device)
+    times = make_grid(grid, sde, eps, steps, device=x.device)
     alphas, sigmas = sde.marginal_coeffs(times)
     levels = sigmas / alphas  # NCSN's sigma_i for the scaled variable x~ = x / alpha
     if step_lr is None:

@@ -13,9 +13,10 @@ eps_hat = -sigma_t s, and the posterior of the forward process between s < t is
 For VP this is Ho et al.'s posterior (Eq. 6-7; Alg. 2 with sigma_t^2 = beta_tilde_t); for VE it is
 SMLD ancestral sampling (Song et al. 2021, Eq. 47).
 
-Time grid: t_1 > ... > t_n, then a final step to t = 0. DDPM's default grid is the SDE's discrete
-DDPM grid ``sde.discrete_times(steps)`` (i T / steps); when ``eps`` is given, it is
-``linspace(T, eps, steps)`` (DDIM always uses the latter). The last step (t_n -> 0) uses no noise: with ``denoise=True`` the
+Time grid: t_1 > ... > t_n, then a final step to t = 0. The grid is ``grids.make_grid(grid, sde, eps, steps)``
+("uniform" = ``linspace(T, eps, steps)`` by default). DDPM's default eps is T / steps, which makes
+its default grid the SDE's discrete DDPM grid ``sde.discrete_times(steps)`` (i T / steps); DDIM's is
+``sde.default_eps``. The last step (t_n -> 0) uses no noise: with ``denoise=True`` the
 sampler returns that noise-free mean (for VP it is exactly Tweedie's x0_hat at t_n; for VE it is
 the mean of the kernel down to sigma(0) = sigma_min). NFE = steps.
 """
@@ -24,18 +25,16 @@ from __future__ import annotations
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, time_grid, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, randn_like
 
 
-def ancestral_grid(sde: SDE, steps: int, eps: float | None, device=None) -> torch.Tensor:
-    """Decreasing float64 grid of ``steps`` times followed by 0 (shape (steps + 1,))."""
-    if eps is None:
-        grid = sde.discrete_times(steps, device=device).flip(0)
-    else:
-        grid = time_grid(sde.T, eps, steps, device=device)
-    return torch.cat([grid, grid.new_zeros(1)])
+def ancestral_grid(sde: SDE, steps: int, eps: float, grid: str = "uniform", device=None) -> torch.Tensor:
+    """Decreasing float64 grid of ``steps`` times from T to eps followed by 0 (shape (steps + 1,))."""
+    times = make_grid(grid, sde, eps, steps, device=device)
+    return torch.cat([times, times.new_zeros(1)])
 
 
 def posterior_coeffs(sde: SDE, t: torch.Tensor, s: torch.Tensor):
@@ -66,9 +65,9 @@ def posterior_step(sde: SDE, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, 
 
 
 def ddpm(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
-         generator: torch.Generator | None, denoise: bool, record: Recorder) -> torch.Tensor:
+         generator: torch.Generator | None, denoise: bool, record: Recorder, grid: str = "uniform") -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) as the exact posterior q(x_s | x_t, x0_hat)."""
-    grid = ancestral_grid(sde, steps, eps, device=x.device)
+    grid = ancestral_grid(sde, steps, sde.T / steps if eps is None else eps, grid, device=x.device)
     for i in range(steps):
         t, s = batch_time(grid[i], x), batch_time(grid[i + 1], x)
         x, _ = posterior_step(sde, x, t, s, score(x, t), generator, noise=not (i == steps - 1 and denoise))
@@ -77,7 +76,8 @@ def ddpm(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
 
 
 def ddim(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
-         generator: torch.Generator | None, denoise: bool, record: Recorder, eta: float = 0.0) -> torch.Tensor:
+         generator: torch.Generator | None, denoise: bool, record: Recorder, eta: float = 0.0,
+         grid: str = "uniform") -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) with stochasticity eta (Eq. 16):
 
         x_s = alpha_s x0_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta z,
@@ -89,7 +89,7 @@ def ddim(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
     """
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta!r}")
-    grid = ancestral_grid(sde, steps, sde.default_eps if eps is None else eps, device=x.device)
+    grid = ancestral_grid(sde, steps, sde.default_eps if eps is None else eps, grid, device=x.device)
     for i in range(steps):
         t, s = batch_time(grid[i], x), batch_time(grid[i + 1], x)
         x0_hat, eps_hat = _x0_eps(sde, x, t, score(x, t))

@@ -8,7 +8,7 @@ that receives a :class:`CountingScore` (so NFE is counted in one place), the sta
 :class:`Recorder` (per-step callback and optional trajectory). ``sgm_lightning.sampling.sample``
 validates the common options and dispatches.
 
-Time grids are float64 (``time_grid``); coefficients are computed in float64 and ``t`` is cast
+Time grids (``grids``) are float64; coefficients are computed in float64 and ``t`` is cast
 to the data's dtype only when ``score_fn`` is called.
 """
 
@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from sgm_lightning.samplers.grids import time_grid  # noqa: F401  (re-exported for the inverse solvers)
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast
 
@@ -88,11 +89,6 @@ def batch_time(t, x: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     return t
-
-
-def time_grid(T: float, eps: float, n: int, device=None) -> torch.Tensor:
-    """n times from T down to eps, evenly spaced, float64 (Song et al. 2021's sampling grid)."""
-    return torch.linspace(T, eps, n, dtype=torch.float64, device=device)
 
 
 def tweedie_x0(sde: SDE, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,10 @@ ODE with sigma(t) = t, s(t) = 1 (Eq. 4 with Table 1 "EDM"):
 
     dx~/dn = (x~ - D(x~; n)) / n,    D(x~; n) = x0_hat = (x + sigma^2 grad log p_t(x)) / alpha  (Tweedie),
 
-evaluated at x = alpha(t) x~, t = ``sde.t_from_noise_to_signal(n)``. Noise levels follow the
-Karras grid (Eq. 5)
-
-    n_i = (n_max^(1/rho) + i / (N - 1) (n_min^(1/rho) - n_max^(1/rho)))^rho,  i = 0..N-1,  n_N = 0,
-
-with n_max = n(T), n_min = n(eps). Each step is Heun's method; the last step (to n_N = 0) is an
-Euler step, which lands exactly on D(x~; n_min), i.e. Tweedie's x0_hat at t = eps: that is the
+evaluated at x = alpha(t) x~, t = ``sde.t_from_noise_to_signal(n)``. Noise levels n_i = n(t_i)
+come from the time grid (``grid``, default "karras": Karras et al.'s Eq. 5 ladder from
+n_max = n(T) to n_min = n(eps) with exponent ``rho``; see ``grids``), followed by n_N = 0. Each
+step is Heun's method; the last step (to n_N = 0) is an Euler step, which lands exactly on D(x~; n_min), i.e. Tweedie's x0_hat at t = eps: that is the
 ``denoise=True`` output. NFE = 2 N - 1. With ``denoise=False`` the last step is dropped and the
 sampler returns x at t = eps (NFE = 2 N - 2).
 
@@ -29,33 +26,25 @@ import math
 import torch
 
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_positive, randn_like
 
 
-def karras_sigmas(n_max: float, n_min: float, steps: int, rho: float = 7.0, device=None) -> torch.Tensor:
-    """Karras et al. 2022, Eq. 5: ``steps`` levels from n_max to n_min (float64), followed by 0."""
-    check_positive("rho", rho)
-    i = torch.arange(steps, dtype=torch.float64, device=device)
-    frac = i / max(steps - 1, 1)
-    hi, lo = n_max ** (1.0 / rho), n_min ** (1.0 / rho)
-    sig = (hi + frac * (lo - hi)) ** rho
-    return torch.cat([sig, sig.new_zeros(1)])
-
-
 def heun(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
          generator: torch.Generator | None, denoise: bool, record: Recorder, rho: float = 7.0,
-         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+         grid: str = "karras") -> torch.Tensor:
     """Heun's 2nd-order sampler on the Karras grid (Karras et al. 2022, Alg. 1 / 2); see module doc."""
     for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         if not v >= 0:
             raise ValueError(f"{name} must be >= 0, got {v!r}")
     eps = sde.default_eps if eps is None else eps
     T64 = torch.tensor(sde.T, dtype=torch.float64)
-    n_max = float(sde.noise_to_signal(T64))
-    n_min = float(sde.noise_to_signal(torch.tensor(eps, dtype=torch.float64)))
-    sigmas = karras_sigmas(n_max, n_min, steps, rho)
-    times = sde.t_from_noise_to_signal(sigmas[:-1])
+    check_positive("rho", rho)
+    times = make_grid(grid, sde, eps, steps, rho)
+    sigmas = torch.cat([sde.noise_to_signal(times), times.new_zeros(1)])
+    n_max = float(sigmas[0])
     times = torch.cat([times, times.new_zeros(1)])
 
     def denoiser(xt: torch.Tensor, i: int, n: float | None = None) -> torch.Tensor:

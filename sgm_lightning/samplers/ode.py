@@ -2,9 +2,11 @@
 
     dx/dt = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x),   integrated from t = T to t = eps.
 
-The drift comes from ``sde.reverse(score, probability_flow=True)``. Adaptive solvers (dopri5,
-the default, bosh3, ...) integrate [T, eps] to tolerance rtol/atol; fixed-grid solvers (euler,
-midpoint, rk4, ...) take ``steps`` uniform steps. Everything stays on the tensor's device.
+The drift comes from ``sde.reverse(score, probability_flow=True)``. Adaptive solvers integrate
+[T, eps] to tolerance rtol/atol: "rk45" (the default) is Dormand-Prince with the standard
+controller (``dopri``; no more NFE than scipy's RK45 at equal tolerances), and every torchdiffeq
+method is accepted too (dopri5, bosh3, ...). Fixed-grid solvers (euler, midpoint, rk4, ...) take
+``steps`` steps on the time grid ``grid`` (default "uniform"; see ``grids``). Everything stays on the tensor's device.
 With ``denoise=True`` the sampler returns Tweedie's x0_hat = (x + sigma^2 s) / alpha at t = eps
 (one extra score evaluation). NFE is counted by the score wrapper (adaptive solvers also count
 their initial step-size probe and rejected steps).
@@ -17,7 +19,9 @@ import sys
 import torch
 import torchdiffeq  # noqa: F401  (registers torchdiffeq._impl.odeint)
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, time_grid, tweedie_x0
+from sgm_lightning.samplers.dopri import StepSizeUnderflow, dopri5
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_positive
 
@@ -28,50 +32,69 @@ def _solvers() -> dict:
 
 
 def solver_names() -> tuple[str, ...]:
-    """Names accepted by ``solver=``."""
-    return tuple(_solvers())
+    """Names accepted by ``solver=``: "rk45" and torchdiffeq's methods."""
+    return ("rk45",) + tuple(_solvers())
 
 
 def is_fixed_grid(solver: str) -> bool:
     """True for torchdiffeq's fixed-grid solvers (euler, midpoint, rk4, ...)."""
     from torchdiffeq._impl.solvers import FixedGridODESolver
 
-    return issubclass(_solvers()[solver], FixedGridODESolver)
+    return solver != "rk45" and issubclass(_solvers()[solver], FixedGridODESolver)
 
 
-def ode(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int | None, eps: float | None,
-        generator: torch.Generator | None, denoise: bool, record: Recorder, solver: str = "dopri5",
-        rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
-    """Integrate the probability-flow ODE (Song et al. 2021, Eq. 13) from T to eps; see module doc.
-
-    ``steps`` is the number of uniform steps for fixed-grid solvers (default 100); for adaptive
-    solvers it is only the number of output times passed to the callback / trajectory (default 2).
-    """
+def check_ode_options(solver: str, rtol: float, atol: float) -> None:
     check_choice("solver", solver, solver_names())
     check_positive("rtol", rtol)
     check_positive("atol", atol)
-    eps = sde.default_eps if eps is None else eps
-    fixed = is_fixed_grid(solver)
-    n = (steps if steps is not None else 100) if fixed else (steps if steps is not None else 1)
-    times = time_grid(sde.T, eps, n + 1, device=x.device)
+
+
+def pf_ode_path(score, sde: SDE, x: torch.Tensor, times: torch.Tensor, solver: str, rtol: float,
+                atol: float) -> list[torch.Tensor]:
+    """Solve the probability-flow ODE (Song et al. 2021, Eq. 13) through the float64 ``times``
+    (monotone, either direction; fixed-grid solvers step on exactly these times).
+
+    Returns the states at times[1:] (only at times[-1] for "rk45").
+    """
     rsde = sde.reverse(score, probability_flow=True)
 
     def func(t, y):
-        return rsde.sde(y, batch_time(t.to(torch.float64), y))[0]
+        return rsde.sde(y, batch_time(torch.as_tensor(t, dtype=torch.float64), y))[0]
 
-    kwargs = {"rtol": rtol, "atol": atol} if not fixed else {}
-    # torchdiffeq evaluates times in the state's dtype; keep the grid there.
+    kwargs = {"rtol": rtol, "atol": atol} if not is_fixed_grid(solver) else {}
     try:
+        if solver == "rk45":
+            return [dopri5(func, x, float(times[0]), float(times[-1]), rtol, atol)]
+        # torchdiffeq evaluates times in the state's dtype; keep the grid there.
         path = torchdiffeq.odeint(func, x, times.to(x.dtype), method=solver, **kwargs)
-    except AssertionError as e:  # torchdiffeq's adaptive step control: "underflow in dt ..."
+    except (AssertionError, StepSizeUnderflow) as e:  # adaptive step control: "underflow in dt ..."
         if "underflow" not in str(e):
             raise
-        raise RuntimeError(f"the adaptive ODE solver {solver!r} could not keep its step size above zero ({e}): "
+        name = "'rk45' (Dormand-Prince, as dopri5)" if solver == "rk45" else repr(solver)
+        raise RuntimeError(f"the adaptive ODE solver {name} could not keep its step size above zero ({e}): "
                            "the probability-flow drift is too stiff for rtol/atol (typical of a barely trained "
                            "model near t = eps); use a fixed-grid solver (solver='rk4', steps=...), a larger eps, "
                            "or looser rtol/atol") from e
-    for i in range(1, n + 1):
-        record(i - 1, times[i], path[i])
+    return list(path[1:])
+
+
+def ode(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int | None, eps: float | None,
+        generator: torch.Generator | None, denoise: bool, record: Recorder, solver: str = "rk45",
+        rtol: float = 1e-5, atol: float = 1e-5, grid: str = "uniform") -> torch.Tensor:
+    """Integrate the probability-flow ODE (Song et al. 2021, Eq. 13) from T to eps; see module doc.
+
+    ``steps`` is the number of steps for fixed-grid solvers (default 100); for torchdiffeq's adaptive
+    solvers it is only the number of output times passed to the callback / trajectory (default 1);
+    "rk45" reports only the end point.
+    """
+    check_ode_options(solver, rtol, atol)
+    eps = sde.default_eps if eps is None else eps
+    fixed = is_fixed_grid(solver)
+    n = (steps if steps is not None else 100) if fixed else (steps if steps is not None else 1)
+    times = make_grid(grid if fixed else "uniform", sde, eps, n + 1, device=x.device)
+    path = pf_ode_path(score, sde, x, times, solver, rtol, atol)
+    for i, xi in enumerate(path):
+        record(i, times[len(times) - len(path) + i], xi)
     x = path[-1]
     if denoise:
         t_eps = batch_time(times[-1], x)

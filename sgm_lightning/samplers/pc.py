@@ -4,11 +4,12 @@ Written once for every SDE: predictors ask the reverse-time SDE object (``sde.re
 for its drift / discretization, the corrector asks ``sde.transition_coeffs`` for the one-step
 signal scale. Nothing here branches on the SDE's type.
 
-Grid: t_0 = T > ... > t_{n-1} = eps (``linspace(T, eps, steps)``, float64). At every t_i the
+Grid: t_0 = T > ... > t_{n-1} = eps (``grid``: "uniform" = ``linspace(T, eps, steps)`` by default, or
+"logsnr" / "karras", see ``grids``; float64). At every t_i the
 corrector runs ``corrector_steps`` Langevin steps at t_i, then the predictor moves from t_i to
 t_{i+1} (t_n = 0: the last predictor step goes from eps to 0). With ``denoise=True`` the sampler
 returns the last predictor step's noise-free mean x_mean (as score_sde does).
-NFE = steps * (corrector_steps + 1) (no predictor / corrector evaluations when set to "none").
+NFE = steps * (corrector_steps + 1) for Langevin (no predictor / corrector evaluations when set to "none").
 
 Predictors (one reverse step t -> t - dt, z ~ N(0, I)):
     "reverse_diffusion": x_mean = x - f_rev, x = x_mean + G z, with (f_rev, G) the reverse
@@ -16,6 +17,12 @@ Predictors (one reverse step t -> t - dt, z ~ N(0, I)):
     "euler_maruyama":    x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z (Eq. 6)
     "ancestral":         the exact posterior step q(x_{t-dt} | x_t, x0_hat) (Eq. 47 for VE; DDPM for VP)
     "none":              x unchanged (corrector-only sampling)
+Corrector "hmc": Hamiltonian / underdamped Langevin at fixed t (Neal 2011, Sec. 5.5.3): partial momentum
+refresh v = gamma v + sqrt(1 - gamma^2) z (``hmc_persistence`` gamma, 0 = full refresh), then
+``hmc_leapfrog`` leapfrog steps of size delta = sqrt(2 eps_i) with eps_i the Langevin SNR rule below
+(one leapfrog step with gamma = 0 is exactly the Langevin step); no Metropolis test (the density is
+not available, only its score), so like the Langevin corrector it is invariant for p_t up to the
+step-size bias. NFE per corrector step = hmc_leapfrog + 1.
 Corrector "langevin" (Song et al. 2021, Alg. 4 / 5):
     eps_i = 2 alpha_i (r ||z|| / ||s||)^2,  x = x + eps_i s + sqrt(2 eps_i) z,
 with r the target signal-to-noise ratio ``snr`` and alpha_i = alpha_{t|t-dt}^2 (= 1 for VE,
@@ -35,12 +42,13 @@ from __future__ import annotations
 import torch
 
 from sgm_lightning.samplers.ancestral import posterior_step
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm, time_grid
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm
+from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_positive, randn_like
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
-CORRECTORS = ("langevin", "none")
+CORRECTORS = ("langevin", "hmc", "none")
 
 
 def predict(kind: str, sde: SDE, score: CountingScore, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
@@ -64,24 +72,50 @@ def predict(kind: str, sde: SDE, score: CountingScore, x: torch.Tensor, t: torch
 SNR_NORMS = ("batch", "example")
 
 
-def langevin_correct(sde: SDE, score: CountingScore, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
-                     snr: float, generator: torch.Generator | None, snr_norm: str = "batch"):
-    """One Langevin corrector step at time t with the SNR step-size rule (Song et al. 2021, Alg. 4/5)."""
+def snr_step_size(sde: SDE, t: torch.Tensor, dt: torch.Tensor, s: torch.Tensor, z: torch.Tensor, snr: float,
+                  snr_norm: str) -> torch.Tensor:
+    """eps_i = 2 alpha_i (r ||z|| / ||s||)^2 (Song et al. 2021, Alg. 4/5), shape (B,)."""
     a_ts, _ = sde.transition_coeffs(t, t - dt)
-    alpha_i = (a_ts * a_ts).to(x.dtype)
-    s = score(x, t)
-    z = randn_like(x, generator)
+    alpha_i = (a_ts * a_ts).to(s.dtype)
     z_norm, s_norm = per_example_norm(z), per_example_norm(s)
     if snr_norm == "batch":
         z_norm, s_norm = z_norm.mean().expand_as(z_norm), s_norm.mean().expand_as(s_norm)
-    ratio = snr * z_norm / s_norm.clamp_min(torch.finfo(x.dtype).tiny)
-    return langevin_step(x, s, 2 * alpha_i * ratio * ratio, z)
+    ratio = snr * z_norm / s_norm.clamp_min(torch.finfo(s.dtype).tiny)
+    return 2 * alpha_i * ratio * ratio
+
+
+def langevin_correct(sde: SDE, score: CountingScore, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+                     snr: float, generator: torch.Generator | None, snr_norm: str = "batch"):
+    """One Langevin corrector step at time t with the SNR step-size rule (Song et al. 2021, Alg. 4/5)."""
+    s = score(x, t)
+    z = randn_like(x, generator)
+    return langevin_step(x, s, snr_step_size(sde, t, dt, s, z, snr, snr_norm), z)
+
+
+def hmc_correct(sde: SDE, score: CountingScore, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                dt: torch.Tensor, snr: float, generator: torch.Generator | None, snr_norm: str = "batch",
+                leapfrog: int = 3, persistence: float = 0.0):
+    """One Hamiltonian (underdamped) Langevin corrector step at time t targeting p_t (see module doc).
+
+    Returns (x, x, v). NFE = leapfrog + 1.
+    """
+    s = score(x, t)
+    z = randn_like(x, generator)
+    v = persistence * v + (1 - persistence**2) ** 0.5 * z  # partial momentum refresh
+    delta = bcast(snr_step_size(sde, t, dt, s, z, snr, snr_norm), x).mul(2).sqrt()  # eps_i = delta^2 / 2
+    for _ in range(leapfrog):  # leapfrog (Neal 2011, Eq. 5.18-5.20) on H = -log p_t(x) + |v|^2 / 2
+        v = v + 0.5 * delta * s
+        x = x + delta * v
+        s = score(x, t)
+        v = v + 0.5 * delta * s
+    return x, x, v
 
 
 def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
        generator: torch.Generator | None, denoise: bool, record: Recorder,
        predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
-       corrector_steps: int = 1, snr_norm: str = "batch") -> torch.Tensor:
+       corrector_steps: int = 1, snr_norm: str = "batch", grid: str = "uniform", hmc_leapfrog: int = 3,
+       hmc_persistence: float = 0.0) -> torch.Tensor:
     """Predictor-corrector sampler (Song et al. 2021, Alg. 1); see the module docstring."""
     check_choice("predictor", predictor, PREDICTORS)
     check_choice("corrector", corrector, CORRECTORS)
@@ -89,18 +123,26 @@ def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: floa
     check_choice("snr_norm", snr_norm, SNR_NORMS)
     if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
-    n_corr = corrector_steps if corrector == "langevin" else 0
+    if isinstance(hmc_leapfrog, bool) or not isinstance(hmc_leapfrog, int) or hmc_leapfrog <= 0:
+        raise ValueError(f"hmc_leapfrog must be a positive integer, got {hmc_leapfrog!r}")
+    if not (isinstance(hmc_persistence, (int, float)) and 0 <= hmc_persistence < 1):
+        raise ValueError(f"hmc_persistence must be a number in [0, 1), got {hmc_persistence!r}")
+    n_corr = corrector_steps if corrector != "none" else 0
     if predictor == "none" and n_corr == 0:
-        raise ValueError("predictor='none' needs corrector='langevin' with corrector_steps >= 1")
+        raise ValueError("predictor='none' needs corrector='langevin' or 'hmc' with corrector_steps >= 1")
     eps = sde.default_eps if eps is None else eps
-    grid = time_grid(sde.T, eps, steps, device=x.device)
+    grid = make_grid(grid, sde, eps, steps, device=x.device)
     grid = torch.cat([grid, grid.new_zeros(1)])
-    x_mean = x
+    x_mean, v = x, torch.zeros_like(x)
     for i in range(steps):
         t = batch_time(grid[i], x)
         dt = grid[i] - grid[i + 1]
         for _ in range(n_corr):
-            x, x_mean = langevin_correct(sde, score, x, t, dt, snr, generator, snr_norm)
+            if corrector == "hmc":
+                x, x_mean, v = hmc_correct(sde, score, x, v, t, dt, snr, generator, snr_norm, hmc_leapfrog,
+                                           hmc_persistence)
+            else:
+                x, x_mean = langevin_correct(sde, score, x, t, dt, snr, generator, snr_norm)
         x, x_mean = predict(predictor, sde, score, x, t, dt, generator)
         record(i, grid[i + 1], x)
     return x_mean if denoise else x

@@ -1,0 +1,146 @@
+"""Exponential-integrator solvers written once for any linear SDE: DDIM, DPM-Solver++ (2M, 3M),
+SDE-DPM-Solver++(2M) and UniPC.
+
+With x_t = alpha_t x_0 + sigma_t eps and the half log-SNR lambda_t = log(alpha_t / sigma_t), the
+probability-flow ODE in data prediction x0_hat(x, t) (Tweedie, ``tweedie_x0``) has the exact
+solution between s > t, h = lambda_t - lambda_s > 0 (Lu et al. 2022b, DPM-Solver++, Eq. 9):
+
+    x_t = (sigma_t / sigma_s) x_s + alpha_t int_0^h e^{-(h - u)} x0_hat(lambda_s + u) du,
+
+and the reverse SDE (Lu et al. 2022b, Sec. 4 / App. for SDE-DPM-Solver++) gives
+
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t int_0^h 2 e^{-2(h - u)} x0_hat(lambda_s + u) du
+          + sigma_t sqrt(1 - e^{-2h}) z.
+
+A multistep solver of order p replaces x0_hat(lambda) by the polynomial through the last p data
+predictions (in lambda) and integrates it against the kernel exactly: with nodes r_j = (lambda_j -
+lambda_s) / h, the weights w solve sum_j w_j r_j^k = J_k = int_0^h c e^{-c(h - u)} (u / h)^k du
+(c = 1 ODE, c = 2 SDE), J_0 = 1 - e^{-ch}, J_k = 1 - k / (c h) J_{k-1}. Then
+
+    order 1 = DDIM (Song et al. 2021a, Eq. 12 with eta = 0; eta = 1 for the SDE kernel: DDPM),
+    order 2 / 3 = DPM-Solver++(2M) / (3M) (Lu et al. 2022b, Alg. 2; the 3M step of their code),
+    "dpm_sde" = SDE-DPM-Solver++(2M),
+    "unipc" = UniPC (Zhao et al. 2023, Alg. 2-3): the order-p predictor (UniP-p), then the corrector
+        UniC-p, which adds the data prediction at the new point x_t as one more node (order p + 1)
+        and reuses that evaluation for the next step: no extra NFE. The coefficients here are the
+        exact kernel integrals of the interpolating polynomial (the varying-coefficient form), not
+        the paper's B(h) fits.
+
+Grid: ``steps`` times from T to eps on ``grid`` (default "logsnr", Lu et al.'s recommendation for
+few steps; "uniform", "karras" in ``grids``). The first steps warm up at lower order; with fewer
+than 15 steps the last ones also drop order (Lu et al. 2022b's lower_order_final). Every grid time is
+one score evaluation: NFE = steps. With ``denoise=True`` the result is the data prediction x0_hat at
+t = eps (as DDIM's final step to t = 0); otherwise x at eps (the last evaluation is skipped).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.grids import make_grid
+from sgm_lightning.sde import SDE
+from sgm_lightning.utils import randn_like
+
+LOWER_ORDER_FINAL_BELOW = 15  # steps below which the final steps drop order (DPM-Solver++ default)
+
+
+def kernel_moments(h: float, k: int, c: float = 1.0) -> torch.Tensor:
+    """J_0..J_{k-1} with J_j = int_0^h c e^{-c(h - u)} (u / h)^j du (float64, shape (k,))."""
+    ch = c * h
+    out = [-math.expm1(-ch)]
+    for j in range(1, k):
+        out.append(1.0 - j / ch * out[-1])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def node_weights(nodes: list[float], h: float, c: float = 1.0) -> torch.Tensor:
+    """Weights w_j of the data predictions at lambda_s + r_j h (r_j = ``nodes``), so that
+    sum_j w_j m_j = int_0^h c e^{-c(h - u)} P(u) du for the interpolating polynomial P."""
+    r = torch.tensor(nodes, dtype=torch.float64)
+    V = r[None, :] ** torch.arange(len(nodes), dtype=torch.float64)[:, None]
+    return torch.linalg.solve(V, kernel_moments(h, len(nodes), c))
+
+
+def _check_order(order, allowed=(1, 2, 3)) -> int:
+    if isinstance(order, bool) or order not in allowed:
+        raise ValueError(f"order must be one of {allowed}, got {order!r}")
+    return int(order)
+
+
+def exp_multistep(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
+                  generator: torch.Generator | None, denoise: bool, record: Recorder, order: int = 2,
+                  corrector: bool = False, stochastic: bool = False, grid: str = "logsnr",
+                  rho: float = 7.0) -> torch.Tensor:
+    """Multistep exponential integrator in data prediction (see module doc)."""
+    order = _check_order(order)
+    eps = sde.default_eps if eps is None else eps
+    times = make_grid(grid, sde, eps, steps, rho, device=x.device)
+    alphas, sigmas = sde.marginal_coeffs(times)
+    lams = (torch.log(alphas) - torch.log(sigmas)).tolist()
+    alphas, sigmas = alphas.tolist(), sigmas.tolist()
+    c = 2.0 if stochastic else 1.0
+
+    def data_pred(y: torch.Tensor, i: int) -> torch.Tensor:
+        t = batch_time(times[i], y)
+        return tweedie_x0(sde, y, t, score(y, t))
+
+    def step(y: torch.Tensor, i: int, hist: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """x at times[i + 1] from x = y at times[i] with the polynomial through ``hist``."""
+        h = lams[i + 1] - lams[i]
+        w = node_weights([(lam - lams[i]) / h for lam, _ in hist], h, c).tolist()
+        ratio = sigmas[i + 1] / sigmas[i]
+        out = (ratio * (math.exp(-h) if stochastic else 1.0)) * y
+        out = out + alphas[i + 1] * sum(wj * m for wj, (_, m) in zip(w, hist))
+        return out
+
+    n = steps - 1  # solver steps between the grid times
+    hist = [(lams[0], data_pred(x, 0))]
+    for i in range(n):
+        p = min(order, i + 1, n - i) if steps < LOWER_ORDER_FINAL_BELOW else min(order, i + 1)
+        x_new = step(x, i, hist[-p:])
+        if stochastic:
+            std = sigmas[i + 1] * math.sqrt(-math.expm1(-2.0 * (lams[i + 1] - lams[i])))
+            x_new = x_new + std * randn_like(x, generator)
+        last = i == n - 1
+        if last and not denoise:
+            x = x_new
+            record(i, times[i + 1], x)
+            break
+        m_new = data_pred(x_new, i + 1)
+        if corrector and not last:
+            x_new = step(x, i, hist[-p:] + [(lams[i + 1], m_new)])  # UniC: one more node, no new NFE
+        x = x_new
+        hist.append((lams[i + 1], m_new))
+        hist = hist[-order:]
+        record(i, times[i + 1], x)
+    if denoise:
+        return hist[-1][1]
+    return x
+
+
+def dpm2m(score, sde, x, *, steps, eps, generator, denoise, record, grid: str = "logsnr", rho: float = 7.0):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2)."""
+    return exp_multistep(score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,
+                         record=record, order=2, grid=grid, rho=rho)
+
+
+def dpm3m(score, sde, x, *, steps, eps, generator, denoise, record, grid: str = "logsnr", rho: float = 7.0):
+    """DPM-Solver++(3M): the third-order multistep member (Lu et al. 2022b)."""
+    return exp_multistep(score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,
+                         record=record, order=3, grid=grid, rho=rho)
+
+
+def dpm_sde(score, sde, x, *, steps, eps, generator, denoise, record, grid: str = "logsnr", rho: float = 7.0):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b): the reverse SDE with the 2M data-prediction polynomial."""
+    return exp_multistep(score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,
+                         record=record, order=2, stochastic=True, grid=grid, rho=rho)
+
+
+def unipc(score, sde, x, *, steps, eps, generator, denoise, record, order: int = 2, grid: str = "logsnr",
+          rho: float = 7.0):
+    """UniPC (Zhao et al. 2023): UniP-``order`` predictor + UniC corrector (order + 1), NFE = steps."""
+    return exp_multistep(score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,
+                         record=record, order=order, corrector=True, grid=grid, rho=rho)
