@@ -1,6 +1,6 @@
 """Draw samples from a trained checkpoint: ``python sample.py ckpt_path=... method=ode steps=... num_samples=64``.
 
-Three modes (``mode=``), each with its own options (``configs/sample.yaml``; an option of another
+Four modes (``mode=``), each with its own options (``configs/sample.yaml``; an option of another
 mode is an error):
 
 * ``grid`` (default): writes ``<out_dir>/<method>_grid.png`` and ``<out_dir>/<method>_samples.npz``
@@ -9,7 +9,10 @@ mode is an error):
   class_label=...``);
 * ``eval``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md);
 * ``task``: ``task=inpaint|colorize|superres|deblur`` restores images of the training data
-  (docs/inverse.md).
+  (docs/inverse.md);
+* ``interpolate``: encodes ``interpolate.pairs`` pairs of dataset images to their probability-flow
+  latents, interpolates spherically (``interpolate.n`` points per pair) and decodes: a grid with one
+  row per pair, ``interpolate_grid.png`` (+ ``interpolate_samples.npz``).
 
 The model is rebuilt from the checkpoint alone (``load_from_sgm_checkpoint``) and samples with its EMA
 weights unless ``use_ema=false``.
@@ -38,7 +41,7 @@ def sample_main(cfg: DictConfig) -> dict:
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
-    return {"grid": _grid, "eval": _evaluate, "task": _task}[mode](cfg, module, out_dir)
+    return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
 
 
 def _plain(node) -> dict:
@@ -129,6 +132,34 @@ def _task(cfg, module, out_dir: str) -> dict:
                                   method=str(cfg.task_method), num_images=int(cfg.num_samples),
                                   steps=int(cfg.steps or 100), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
                                   out_dir=out_dir, settings=settings, **_plain(cfg.task_options))
+
+
+def _interpolate(cfg, module, out_dir: str) -> dict:
+    """``mode=interpolate``: PF-ODE latent interpolation between pairs of dataset images."""
+    import numpy as np
+
+    from sgm_lightning.evaluation.inverse_tasks import first_images
+    from sgm_lightning.sampling import interpolate
+    from sgm_lightning.training.viz import samples_to_image, save_image
+    pairs, n = int(cfg.interpolate.pairs), int(cfg.interpolate.n)
+    images, split = first_images(_stored_datamodule(module, cfg), 2 * pairs)
+    if len(images) < 2 * pairs:
+        raise ValueError(f"interpolate.pairs={pairs} needs {2 * pairs} images, the {split} split has {len(images)}")
+    images = images.to(module.device)
+    options = _plain(cfg.options)
+    if cfg.steps is not None:
+        options["steps"] = int(cfg.steps)
+    with module.ema_scope(bool(cfg.use_ema)):
+        res = interpolate(module.score_fn(), module.sde, images[:pairs], images[pairs:], n=n, **options)
+    x = res.samples.detach().float().cpu().reshape(pairs * n, *images.shape[1:])
+    data_range = module.hparams.data_range
+    stem = os.path.join(out_dir, "interpolate")
+    save_image(samples_to_image(x, data_range=data_range, nrow=n), stem + "_grid.png")
+    np.savez_compressed(stem + "_samples.npz", samples=x.numpy(),
+                        settings=np.array(json.dumps(dict(_plain(cfg), nfe=int(res.nfe), split=split))))
+    print(f"[sample] interpolation: {pairs} pairs of {split} images, {n} points each, NFE={res.nfe}")
+    print(f"[sample] grid: {stem}_grid.png")
+    return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz", "nfe": int(res.nfe)}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

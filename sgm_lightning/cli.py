@@ -179,6 +179,7 @@ SAMPLE_MODES = {
     "grid": ("num_samples", "grid_rows", "guidance_scale", "class_label"),
     "eval": ("eval", "metrics", "data_overrides"),
     "task": ("task", "task_method", "task_options", "num_samples", "data_overrides"),
+    "interpolate": ("interpolate", "data_overrides"),
 }
 _MODE_HINTS = {("num_samples", "eval"): " (mode=eval draws eval.num_samples samples)"}
 _GROUPS = ("metrics",)  # config groups (configs/<group>/): named by the group

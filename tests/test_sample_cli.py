@@ -63,6 +63,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (["mode=task", "eval.num_samples=10"], "eval.num_samples=10 is an option of mode=eval, not of mode=task"),
     (["mode=grid", "task_options={zeta: 1}"], "task_options={'zeta': 1} is an option of mode=task"),
     (["mode=task"], "mode=task needs task=inpaint|colorize|superres|deblur"),
+    (["mode=grid", "interpolate.pairs=2"], "interpolate.pairs=2 is an option of mode=interpolate, not of mode=grid"),
+    (["mode=interpolate", "num_samples=8"], "num_samples=8 is an option of mode=grid / mode=task, not of mode=interpolate"),
     (["mode=foo"], "mode='foo' is not supported"),
 ])
 def test_option_of_another_mode_is_an_error(overrides, needle):
@@ -87,7 +89,9 @@ def test_each_mode_accepts_its_own_options():
                                 ("eval", ["mode=eval", "metrics=randproj", "eval.num_samples=16", "batch_size=8",
                                           "data_overrides={val_fraction: 0.5}"]),
                                 ("task", ["mode=task", "task=deblur", "task_method=dps", "num_samples=4",
-                                          "task_options={zeta: 1.0}"])):
+                                          "task_options={zeta: 1.0}"]),
+                                ("interpolate", ["mode=interpolate", "interpolate.pairs=2", "interpolate.n=5",
+                                                 "options={rtol: 1e-4}", "data_overrides={val_fraction: 0.5}"])):
             assert check_sample_mode(compose(config_name="sample", overrides=overrides),
                                      config_defaults(configs, "sample")) == mode
 
@@ -126,6 +130,29 @@ def test_inverse_task_mode(ckpt_path, tmp_path):
     assert "HalfInpainting" in summary["operator"]
     assert summary["psnr_mean"] == pytest.approx(float(np.mean(summary["psnr"])))
     assert summary["ssim_mean"] == pytest.approx(float(np.mean(summary["ssim"])))
+
+
+def test_interpolate_mode_rows_start_and_end_at_the_images(ckpt_path, tmp_path):
+    res = run_sample(f"ckpt_path={ckpt_path}", "mode=interpolate", "interpolate.pairs=2", "interpolate.n=4",
+                     "options={rtol: 1e-5, atol: 1e-5}", "data_overrides={val_fraction: 0.5}",
+                     f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.getsize(tmp_path / "interpolate_grid.png") > 0
+    z = np.load(tmp_path / "interpolate_samples.npz")
+    x = torch.from_numpy(z["samples"]).reshape(2, 4, 1, 8, 8)
+    settings = json.loads(str(z["settings"]))
+    assert settings["split"] == "val" and settings["nfe"] > 0
+    # the ends of each row are its two dataset images (encode -> decode through the same PF-ODE; the
+    # random-weights score is stiff near t = eps, so the float32 round trip is close, not exact)
+    from hydra.utils import instantiate
+
+    from sgm_lightning.evaluation.inverse_tasks import first_images
+    images, _ = first_images(instantiate({**DATA, "val_fraction": 0.5}), 4)
+    ends = torch.cat([x[:, 0], x[:, -1]])  # the images in the order pair 0 left, pair 1 left, 0 right, 1 right
+    dist = (ends.flatten(1)[:, None] - images.flatten(1)[None]).abs().amax(-1)  # (4 ends, 4 images)
+    assert torch.equal(dist.argmin(1), torch.arange(4)), dist
+    assert dist.diagonal().max() < 0.1, dist
+    assert (x[:, 1] - x[:, 0]).abs().max() > 0.1  # the inside of a row is not a copy of its end
 
 
 @pytest.mark.slow
