@@ -25,11 +25,9 @@ from typing import Callable
 import torch
 from torchdiffeq import odeint
 
+from sgm_lightning.samplers.ode import TORCHDIFFEQ_SOLVERS as ODE_SOLVERS
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_positive, rademacher_like, randn_like
-
-ODE_SOLVERS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
-               "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
 
 
 # --------------------------------------------------------------------------- divergences

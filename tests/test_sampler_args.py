@@ -66,3 +66,16 @@ def test_langevin_args():
         langevin(lambda x: -x, torch.zeros(2, 2), step_size=0.0, n_steps=3)
     with pytest.raises(ValueError, match="n_steps"):
         langevin(lambda x: -x, torch.zeros(2, 2), step_size=0.1, n_steps=-1)
+
+
+def test_ode_solver_list_matches_the_installed_torchdiffeq():
+    """The literal list of torchdiffeq methods (public names) agrees with the installed version."""
+    import sys
+
+    import torchdiffeq  # noqa: F401
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    from sgm_lightning.samplers.ode import FIXED_GRID_SOLVERS, TORCHDIFFEQ_SOLVERS
+    table = sys.modules["torchdiffeq._impl.odeint"].SOLVERS
+    assert set(TORCHDIFFEQ_SOLVERS) == set(table)
+    assert set(FIXED_GRID_SOLVERS) == {k for k, v in table.items() if issubclass(v, FixedGridODESolver)}

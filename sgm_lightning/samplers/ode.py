@@ -14,10 +14,8 @@ their initial step-size probe and rejected steps).
 
 from __future__ import annotations
 
-import sys
-
 import torch
-import torchdiffeq  # noqa: F401  (registers torchdiffeq._impl.odeint)
+import torchdiffeq
 
 from sgm_lightning.samplers.dopri import StepSizeUnderflow, dopri5
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
@@ -26,21 +24,22 @@ from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_positive
 
 
-def _solvers() -> dict:
-    """torchdiffeq's solver table {name: class} (read from the installed version)."""
-    return dict(getattr(sys.modules["torchdiffeq._impl.odeint"], "SOLVERS", {}))
+# torchdiffeq's documented ``method=`` names (its README), split into fixed-grid and adaptive solvers;
+# the one list of ODE solvers of the package (likelihood.py takes it from here).
+FIXED_GRID_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
+                      "fixed_adams")
+ADAPTIVE_SOLVERS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
+TORCHDIFFEQ_SOLVERS = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
 
 
 def solver_names() -> tuple[str, ...]:
     """Names accepted by ``solver=``: "rk45" and torchdiffeq's methods."""
-    return ("rk45",) + tuple(_solvers())
+    return ("rk45",) + TORCHDIFFEQ_SOLVERS
 
 
 def is_fixed_grid(solver: str) -> bool:
     """True for torchdiffeq's fixed-grid solvers (euler, midpoint, rk4, ...)."""
-    from torchdiffeq._impl.solvers import FixedGridODESolver
-
-    return solver != "rk45" and issubclass(_solvers()[solver], FixedGridODESolver)
+    return solver in FIXED_GRID_SOLVERS
 
 
 def check_ode_options(solver: str, rtol: float, atol: float) -> None:

@@ -18,29 +18,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sgm_lightning.samplers import METHODS
+from sgm_lightning.training.viz import samples_to_image
 from sgm_lightning.utils import check_choice
 
 DEFAULT_SAMPLERS = {
-    "pc": {"method": "pc", "steps": 100, "options": {}},
-    "ddpm": {"method": "ddpm", "steps": 100, "options": {}},
+    "unipc": {"method": "unipc", "steps": 10, "options": {}},
+    "dpm_sde": {"method": "dpm_sde", "steps": 20, "options": {}},
     "ode": {"method": "ode", "steps": None, "options": {}},
 }
-
-
-def samples_to_image(x: torch.Tensor, data_range: str = "[-1,1]", nrow: int | None = None,
-                     min_size: int = 256) -> np.ndarray:
-    """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points.
-
-    Small grids (e.g. of 8x8 digits) are enlarged by an integer factor (nearest neighbour) to at
-    least ``min_size`` pixels so that they are readable.
-    """
-    from sgm_lightning.training import viz
-    x = x.detach().float().cpu()
-    if x.ndim == 2:
-        return viz.scatter_image(x)
-    grid = viz.make_grid(x, nrow=nrow or int(np.ceil(np.sqrt(x.shape[0]))), data_range=data_range)
-    factor = max(1, -(-min_size // max(grid.shape[:2])))
-    return np.ascontiguousarray(grid.repeat(factor, axis=0).repeat(factor, axis=1))
 
 
 def log_image(logger, key: str, image: np.ndarray, step: int, caption: str) -> None:
@@ -57,7 +42,7 @@ class SampleGridCallback(L.Callback):
 
     Args:
         every_n_steps: draw grids every this many optimizer steps (0: only at the end).
-        samplers: name -> {"method": ..., "steps": ..., "options": {...}} (default pc, ddpm, ode).
+        samplers: name -> {"method": ..., "steps": ..., "options": {...}} (default unipc, dpm_sde, ode).
         num_samples: samples per grid.
         seed: seed of the sampling generator (the same for every grid).
         use_ema: sample with the EMA weights.
