@@ -27,7 +27,7 @@ from torchdiffeq import odeint
 
 from sgm_lightning.samplers.ode import TORCHDIFFEQ_SOLVERS as ODE_SOLVERS
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import check_choice, check_positive, rademacher_like, randn_like
+from sgm_lightning.utils import check_choice, check_int, check_positive, rademacher_like, randn_like
 
 
 # --------------------------------------------------------------------------- divergences
@@ -108,7 +108,7 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     check_choice("trace", trace, ("exact", "hutchinson"))
     check_choice("probe", probe, ("rademacher", "gaussian"))
     check_choice("solver", solver, ODE_SOLVERS)
-    check_positive("n_probes", n_probes, integer=True)
+    check_int("n_probes", n_probes)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
@@ -155,7 +155,7 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 # --------------------------------------------------------------------------- images
 def _check_range(data_min: float, data_max: float, n_bits: int) -> None:
-    check_positive("n_bits", n_bits, integer=True)
+    check_int("n_bits", n_bits)
     if not data_max > data_min:
         raise ValueError(f"data_max must be > data_min, got data_min={data_min!r}, data_max={data_max!r}")
 
@@ -179,7 +179,7 @@ def bits_per_dim(nll: torch.Tensor, num_dims: int, *, n_bits: int = 8, data_min:
         data_min, data_max: the range the data was scaled to.
         offset: bits added per dimension; overrides n - log2(data_max - data_min) when given.
     """
-    check_positive("num_dims", num_dims, integer=True)
+    check_int("num_dims", num_dims)
     _check_range(data_min, data_max, n_bits)
     if offset is None:
         offset = n_bits - math.log2(data_max - data_min)
@@ -203,7 +203,7 @@ def dequantize(images: torch.Tensor, generator: torch.Generator | None = None, *
     """
     _check_range(data_min, data_max, n_bits)
     if n_draws is not None:
-        check_positive("n_draws", n_draws, integer=True)
+        check_int("n_draws", n_draws)
     levels = 2**n_bits
     if torch.is_floating_point(images):
         k = torch.round((images.to(torch.float64) - data_min) / (data_max - data_min) * (levels - 1))

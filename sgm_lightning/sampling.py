@@ -49,7 +49,7 @@ from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_s
 from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
 from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import check_choice
+from sgm_lightning.utils import check_choice, check_int
 
 __all__ = ["sample", "SampleResult", "METHODS", "default_steps", "encode", "decode", "slerp", "interpolate"]
 
@@ -103,8 +103,8 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
         raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {', '.join(allowed)}")
     if steps is None:
         steps = default_steps(method, sde)
-    elif isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer (or None for the method's default), got {steps!r}")
+    else:
+        steps = check_int("steps (None: the method's default)", steps)
     eps = options.pop("eps", None)
     if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
         raise ValueError(f"eps must be a number with 0 < eps < T={sde.T}, got {eps!r}")

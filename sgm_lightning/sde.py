@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from sgm_lightning.utils import bcast, check_choice
+from sgm_lightning.utils import bcast, check_choice, check_int
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,9 +45,7 @@ class SDE(ABC):
     default_eps: float = 1e-3
 
     def __init__(self, N: int = 1000):
-        if isinstance(N, bool) or int(N) != N or N <= 0:
-            raise ValueError(f"N (number of discretization steps) must be a positive integer, got {N!r}")
-        self.N = int(N)
+        self.N = check_int("N (number of discretization steps)", N)
 
     # ----------------------------------------------------------------- per-process formulas
     @abstractmethod

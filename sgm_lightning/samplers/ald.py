@@ -29,7 +29,7 @@ import torch
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import check_positive, randn_like
+from sgm_lightning.utils import check_int, check_positive, randn_like
 
 
 DEFAULT_LR_RATIO = 0.2  # step_lr / sigma_L^2: Song & Ermon 2019 use 2e-5 with sigma_L = 0.01
@@ -49,8 +49,7 @@ def langevin(score_fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
         x_K, shaped like ``x0``.
     """
     check_positive("step_size", step_size)
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-        raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
+    n_steps = check_int("n_steps", n_steps, min=0)
     x = x0
     for _ in range(n_steps):
         x, _ = langevin_step(x, score_fn(x), 0.5 * step_size, randn_like(x, generator))
@@ -61,8 +60,7 @@ def ald(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: flo
         generator: torch.Generator | None, denoise: bool, record: Recorder, steps_per_level: int = 100,
         step_lr: float | None = None, grid: str = "logsnr") -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) with ``steps`` noise levels; see module doc."""
-    if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or steps_per_level <= 0:
-        raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
+    steps_per_level = check_int("steps_per_level", steps_per_level)
     eps = sde.default_eps if eps is None else eps
     times = make_grid(grid, sde, eps, steps, device=x.device)
     alphas, sigmas = sde.marginal_coeffs(times)

@@ -25,6 +25,7 @@ from sgm_lightning.samplers.common import CountingScore, SampleResult
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.samplers.ode import check_ode_options, is_fixed_grid, pf_ode_path
 from sgm_lightning.sde import SDE
+from sgm_lightning.utils import check_int
 
 
 def _flow(score_fn, sde: SDE, x: torch.Tensor, forward: bool, eps: float | None, solver: str, rtol: float,
@@ -80,8 +81,7 @@ def interpolate(score_fn, sde: SDE, x0: torch.Tensor, x1: torch.Tensor, n: int =
     equal to the inputs up to the solver tolerance; a P x n image grid) and the total NFE.
     ``ode_options``: eps, solver, rtol, atol, steps, grid (as for ``encode``).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    n = check_int("n", n, min=2)
     if x0.shape != x1.shape or x0.ndim < 2:
         raise ValueError(f"x0 and x1 must have the same shape (P, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}")
     P, event = x0.shape[0], x0.shape[1:]

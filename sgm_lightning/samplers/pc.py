@@ -45,7 +45,7 @@ from sgm_lightning.samplers.ancestral import posterior_step
 from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import bcast, check_choice, check_positive, randn_like
+from sgm_lightning.utils import bcast, check_choice, check_int, check_positive, randn_like
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
 CORRECTORS = ("langevin", "hmc", "none")
@@ -121,10 +121,8 @@ def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: floa
     check_choice("corrector", corrector, CORRECTORS)
     check_positive("snr", snr)
     check_choice("snr_norm", snr_norm, SNR_NORMS)
-    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
-    if isinstance(hmc_leapfrog, bool) or not isinstance(hmc_leapfrog, int) or hmc_leapfrog <= 0:
-        raise ValueError(f"hmc_leapfrog must be a positive integer, got {hmc_leapfrog!r}")
+    corrector_steps = check_int("corrector_steps", corrector_steps, min=0)
+    hmc_leapfrog = check_int("hmc_leapfrog", hmc_leapfrog)
     if not (isinstance(hmc_persistence, (int, float)) and 0 <= hmc_persistence < 1):
         raise ValueError(f"hmc_persistence must be a number in [0, 1), got {hmc_persistence!r}")
     n_corr = corrector_steps if corrector != "none" else 0

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from sgm_lightning.samplers import METHODS
 from sgm_lightning.training.viz import samples_to_image
-from sgm_lightning.utils import check_choice
+from sgm_lightning.utils import check_choice, check_int
 
 DEFAULT_SAMPLERS = {
     "unipc": {"method": "unipc", "steps": 10, "options": {}},
@@ -53,10 +53,8 @@ class SampleGridCallback(L.Callback):
     def __init__(self, every_n_steps: int = 1000, samplers: Mapping | None = None, num_samples: int = 64,
                  seed: int = 0, use_ema: bool = True, at_train_end: bool = True, out_dir: str | None = None):
         super().__init__()
-        if int(every_n_steps) != every_n_steps or every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be an integer >= 0 (0 = only at the end), got {every_n_steps!r}")
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        every_n_steps = check_int("every_n_steps (0: only at the end)", every_n_steps, min=0)
+        num_samples = check_int("num_samples", num_samples)
         samplers = dict(DEFAULT_SAMPLERS if samplers is None else samplers)
         for name, spec in samplers.items():
             if not isinstance(spec, Mapping) or "method" not in spec:

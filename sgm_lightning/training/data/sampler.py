@@ -26,13 +26,10 @@ from typing import Iterator
 
 import torch
 
+from sgm_lightning.utils import check_int
+
 # (seed, epoch) are combined into one generator seed; the multiplier keeps (s, e) pairs apart.
 _EPOCH_STRIDE = 1_000_003
-
-
-def _check_nonneg_int(name: str, value) -> None:
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 class EpochPermutation:
@@ -45,8 +42,8 @@ class EpochPermutation:
     """
 
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
-        _check_nonneg_int("num_samples", num_samples)
-        _check_nonneg_int("seed", seed)
+        check_int("num_samples", num_samples, min=0)
+        check_int("seed", seed, min=0)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
@@ -54,7 +51,7 @@ class EpochPermutation:
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        _check_nonneg_int("epoch", epoch)
+        check_int("epoch", epoch, min=0)
         self.epoch = int(epoch)
         self.loader_generator.manual_seed(self._epoch_seed() + 1)
 
@@ -105,12 +102,10 @@ class ResumableBatchSampler:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        _check_nonneg_int("num_samples", num_samples)
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(world_size, bool) or int(world_size) != world_size or world_size <= 0:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        _check_nonneg_int("rank", rank)
+        check_int("num_samples", num_samples, min=0)
+        check_int("batch_size", batch_size)
+        check_int("world_size", world_size)
+        check_int("rank", rank, min=0)
         if rank >= world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.sampler = EpochPermutation(num_samples, seed=seed, shuffle=shuffle)
@@ -136,7 +131,7 @@ class ResumableBatchSampler:
 
     def set_start(self, batch_index_in_epoch: int) -> None:
         """Skip the first ``batch_index_in_epoch`` batches of the current epoch on the next iteration."""
-        _check_nonneg_int("batch_index_in_epoch", batch_index_in_epoch)
+        check_int("batch_index_in_epoch", batch_index_in_epoch, min=0)
         self._start_epoch = self.epoch
         self._start = int(batch_index_in_epoch)
 
