@@ -93,10 +93,10 @@ def test_convergence_order(sde_name, method, opts, order):
     """Error at eps against the exact PF-ODE solution: log2(e(n) / e(2n)) >= order - 0.3 (n = 32), and
     the same over 16 -> 64.
 
-    dpm3m's order-1 warm-up step limits it to second order on VE / sub-VP at these step counts
-    (their data prediction already varies at t = T), so it is checked on VP and cosine only."""
-    if method == "dpm3m" and sde_name in ("ve", "subvp"):
-        pytest.skip("warm-up limited (see docstring)")
+    On VE / sub-VP dpm3m's lower-order first steps (their data prediction already varies at t = T)
+    flatten the error between 32 and 64 steps at ~1e-5, so there only the 16 -> 64 slope is held to
+    its order."""
+    warmup_floor = method == "dpm3m" and sde_name in ("ve", "subvp")
     sde = SDES[sde_name]
     fn = GAUSS.score_fn(sde)
     x_T = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -104,7 +104,7 @@ def test_convergence_order(sde_name, method, opts, order):
     errs = [(sample(fn, sde, (32, 2), method, steps=n, x_T=x_T, dtype=torch.float64, denoise=False,
                     **opts).samples - exact).abs().max().item() for n in (16, 32, 64)]
     slope = math.log2(errs[1] / errs[2])
-    assert slope >= order - 0.3, (errs, slope)
+    assert warmup_floor or slope >= order - 0.3, (errs, slope)
     assert math.log2(errs[0] / errs[2]) / 2 >= order - 0.3, errs
 
 
