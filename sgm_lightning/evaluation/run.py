@@ -23,15 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sgm_lightning.evaluation.fid_callback import chunk_seeds, shared_reference_statistics
 from sgm_lightning.evaluation.features import extractor_name
-from sgm_lightning.evaluation.fid import (
-    compute_seeded,
-    load_reference_features,
-    load_reference_statistics,
-    make_fid_metric,
-    make_is_metric,
-    make_kid_metric,
-    metric_key,
-)
+from sgm_lightning.evaluation.fid import (compute_seeded, load_reference_features, load_reference_statistics,
+                                          make_fid_metric, make_is_metric, make_kid_metric, metric_key)
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.training.viz import to_images
 
