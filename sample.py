@@ -4,7 +4,8 @@ Writes ``<out_dir>/<method>_grid.png`` and ``<out_dir>/<method>_samples.npz`` (`
 N x H x W x C for image data, ``samples``: the raw float samples, ``settings``: a JSON string of the
 call). The model is rebuilt from the checkpoint alone (``load_from_sgm_checkpoint``) and samples with
 its EMA weights unless ``use_ema=false``. Other modes: ``eval.fid=true`` (sgm_lightning.evaluation),
-``task=inpaint|colorize|superres|deblur`` (sgm_lightning.inverse), ``guidance_scale=... class_label=...``
+``task=inpaint|colorize|superres|deblur`` (sgm_lightning.inverse; ``task=superres task_method=sr3``
+for a checkpoint trained on SR3 pairs), ``guidance_scale=... class_label=...``
 for class-conditional checkpoints. Configuration: ``configs/sample.yaml``.
 """
 
@@ -157,17 +158,20 @@ def _inverse_task(cfg, module, out_dir: str, device) -> dict:
     split = "val" if getattr(dm, "val_dataset", None) is not None and len(dm.val_dataset) > 0 else "train"
     dataset = dm.val_dataset if split == "val" else dm.train_dataset
     images = []
-    for x, _ in DataLoader(dataset, batch_size=256, shuffle=False):
-        images.append(x)
+    for batch in DataLoader(dataset, batch_size=256, shuffle=False):
+        images.append(batch[0])  # (x, y) or, for SR3 data, (x, y, x_cond)
         if sum(len(i) for i in images) >= int(cfg.num_samples):
             break
     images = torch.cat(images)[: int(cfg.num_samples)].to(device)
     g = torch.Generator(device=device)
     g.manual_seed(int(cfg.seed))
+    task_options = OmegaConf.to_container(cfg.task_options, resolve=True) if cfg.task_options else {}
+    if str(cfg.task_method) == "sr3":
+        task_options = {**_sr3_options(module), **task_options}
     with module.ema_scope(bool(cfg.use_ema)):
         out = run_inverse_task(module.score_model, module.sde, images, task=str(cfg.task),
                                method=str(cfg.task_method), steps=int(cfg.steps or 100), generator=g,
-                               **(OmegaConf.to_container(cfg.task_options, resolve=True) if cfg.task_options else {}))
+                               **task_options)
     stem = os.path.join(out_dir, f"{cfg.task}_{cfg.task_method}")
     paths = {}
     for key in ("truth", "measurement", "reconstruction"):
@@ -187,6 +191,18 @@ def _inverse_task(cfg, module, out_dir: str, device) -> dict:
     print(f"[sample] {cfg.task} with {cfg.task_method} on {len(images)} {split} images: PSNR {psnr:.2f} dB, "
           f"SSIM {ssim:.3f}, NFE {out['nfe']}; grid {paths['grid']}")
     return {"psnr": psnr, "ssim": ssim, **paths}
+
+
+def _sr3_options(module) -> dict:
+    """``factor`` and ``interpolation`` of the SR3 pairs a checkpoint was trained on (its stored data config)."""
+    data = (module.hparams.get("config") or {}).get("data") or {}
+    if not str(data.get("_target_", "")).endswith("SuperResDataModule"):
+        raise ValueError("task_method=sr3 needs a checkpoint trained on SR3 pairs (experiment=sr3_digits, "
+                         "data=digits_sr); use task_method=dps with an unconditional checkpoint")
+    if data.get("downsample", "area") != "area":
+        raise ValueError(f"this SR3 checkpoint was trained on downsample={data['downsample']!r} pairs, but task=superres "
+                         "measures by average pooling (downsample=area)")
+    return {"factor": int(data.get("factor", 2)), "interpolation": data.get("interpolation", "bicubic")}
 
 
 def num_samples_per_row(cfg) -> int:
