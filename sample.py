@@ -200,8 +200,8 @@ def _sr3_options(module) -> dict:
         raise ValueError("task_method=sr3 needs a checkpoint trained on SR3 pairs (experiment=sr3_digits, "
                          "data=digits_sr); use task_method=dps with an unconditional checkpoint")
     if data.get("downsample", "area") != "area":
-        raise ValueError(f"this SR3 checkpoint was trained on downsample={data['downsample']!r} pairs, but task=superres "
-                         "measures by average pooling (downsample=area)")
+        raise ValueError(f"this SR3 checkpoint was trained on downsample={data['downsample']!r} pairs, but "
+                         "task=superres measures by average pooling (downsample=area)")
     return {"factor": int(data.get("factor", 2)), "interpolation": data.get("interpolation", "bicubic")}
 
 

@@ -144,7 +144,8 @@ class NoiseFreeMLP(nn.Module):
         """Constructor keyword arguments (for logging and checkpoints)."""
         return dict(self._hparams)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         if y is not None:
             raise ValueError("NoiseFreeMLP is unconditional: class labels y are not supported")
         return self.trunk(flatten_check(x, self.dim)).reshape(x.shape)

@@ -275,9 +275,9 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, kind=embedding, fourier_scale=fourier_scale, out_dim=emb_dim)
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
-        self.encoder = UNetEncoder(in_channels + self.cond_channels, image_size, base_channels, channel_mults, num_res_blocks,
-                                   attn_resolutions, dropout, emb_dim, num_groups, resample_with_conv,
-                                   skip_rescale, attention_heads)
+        self.encoder = UNetEncoder(in_channels + self.cond_channels, image_size, base_channels, channel_mults,
+                                   num_res_blocks, attn_resolutions, dropout, emb_dim, num_groups,
+                                   resample_with_conv, skip_rescale, attention_heads)
         mults, attn = self.encoder.channel_mults, self.encoder.attn_resolutions
         self._hparams = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size,
                              base_channels=base_channels, channel_mults=mults, num_res_blocks=num_res_blocks,
