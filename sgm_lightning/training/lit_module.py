@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
+from sgm_lightning.losses import dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice
@@ -205,7 +206,6 @@ class ScoreLitModule(L.LightningModule):
         training generator and the global RNG are not touched, so exact resume is unaffected.
         Noise-free models are evaluated with their own (sliced / finite-difference) objective.
         """
-        from sgm_lightning.losses import dsm_grid_loss
         x, cond = self._unpack(batch, drop=False)
         g = torch.Generator(device=x.device)
         g.manual_seed(_rank_seed(batch_idx, self.global_rank))
@@ -219,8 +219,7 @@ class ScoreLitModule(L.LightningModule):
         n = losses.shape[1]
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=n)
         if losses.shape[0] > 1:
-            T = self.sde.T
-            k = losses.shape[0]
+            k, T = losses.shape[0], self.sde.T
             for b in range(k):
                 self.log(f"val/loss_t{b / k * T:.1f}-{(b + 1) / k * T:.1f}", losses[b].mean(), sync_dist=True,
                          batch_size=n)
