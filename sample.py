@@ -9,7 +9,7 @@ mode is an error):
   class_label=...``);
 * ``eval``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md);
 * ``task``: ``task=inpaint|colorize|superres|deblur`` restores images of the training data
-  (docs/inverse.md);
+  (docs/inverse.md; ``task=superres task_method=sr3`` for a checkpoint trained on SR3 pairs);
 * ``interpolate``: encodes ``interpolate.pairs`` pairs of dataset images to their probability-flow
   latents, interpolates spherically (``interpolate.n`` points per pair) and decodes: a grid with one
   row per pair, ``interpolate_grid.png`` (+ ``interpolate_samples.npz``).
@@ -128,10 +128,13 @@ def _task(cfg, module, out_dir: str) -> dict:
     """``mode=task``: restore ``num_samples`` images from their measurement (docs/inverse.md)."""
     from sgm_lightning.evaluation.inverse_tasks import restore_dataset_images
     settings = {"checkpoint_step": _checkpoint_step(cfg.ckpt_path), "settings": _plain(cfg)}
+    task_options = _plain(cfg.task_options)
+    if str(cfg.task_method) == "sr3":
+        task_options = {**_sr3_options(module), **task_options}
     return restore_dataset_images(module, _stored_datamodule(module, cfg), task=str(cfg.task),
                                   method=str(cfg.task_method), num_images=int(cfg.num_samples),
                                   steps=int(cfg.steps or 100), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
-                                  out_dir=out_dir, settings=settings, **_plain(cfg.task_options))
+                                  out_dir=out_dir, settings=settings, **task_options)
 
 
 def _interpolate(cfg, module, out_dir: str) -> dict:
@@ -160,6 +163,18 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
     print(f"[sample] interpolation: {pairs} pairs of {split} images, {n} points each, NFE={res.nfe}")
     print(f"[sample] grid: {stem}_grid.png")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz", "nfe": int(res.nfe)}
+
+
+def _sr3_options(module) -> dict:
+    """``factor`` and ``interpolation`` of the SR3 pairs a checkpoint was trained on (its stored data config)."""
+    data = (module.hparams.get("config") or {}).get("data") or {}
+    if not str(data.get("_target_", "")).endswith("SuperResDataModule"):
+        raise ValueError("task_method=sr3 needs a checkpoint trained on SR3 pairs (experiment=sr3_digits, "
+                         "data=digits_sr); use task_method=dps with an unconditional checkpoint")
+    if data.get("downsample", "area") != "area":
+        raise ValueError(f"this SR3 checkpoint was trained on downsample={data['downsample']!r} pairs, but "
+                         "task=superres measures by average pooling (downsample=area)")
+    return {"factor": int(data.get("factor", 2)), "interpolation": data.get("interpolation", "bicubic")}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

@@ -40,7 +40,8 @@ def train(cfg: DictConfig):
 
     datamodule = build(cfg.data)
     sde = build(cfg.sde)
-    net_cfg = net_config(cfg, tuple(datamodule.data_shape), getattr(datamodule, "num_classes", None))
+    net_cfg = net_config(cfg, tuple(datamodule.data_shape), getattr(datamodule, "num_classes", None),
+                         getattr(datamodule, "cond_shape", None))
     validate_train_config(OmegaConf.merge(cfg, {"net": net_cfg}), data_shape=tuple(datamodule.data_shape))
     net = build(net_cfg)
     loss = build(cfg.loss, sde=sde)

@@ -248,9 +248,13 @@ def validate_sample_config(cfg: Any, defaults: Optional[Mapping] = None) -> str:
 
 
 # ---------------------------------------------------------------------------- entry-point steps
-def net_config(cfg: Any, data_shape: Sequence[int], num_classes: Optional[int]) -> dict:
-    """The network config with its data-dependent fields (null in configs/net/*.yaml) filled in."""
+def net_config(cfg: Any, data_shape: Sequence[int], num_classes: Optional[int],
+               cond_shape: Optional[Sequence[int]] = None) -> dict:
+    """The network config with its data-dependent fields (null in configs/net/*.yaml) filled in;
+    ``cond_shape`` (the image condition of SR3 data, ``training.data.superres``) sets ``cond_channels``."""
     net = plain(cfg.net)
+    if cond_shape is not None and net.get("cond_channels") in (None, 0):
+        net["cond_channels"] = int(cond_shape[0])
     if len(data_shape) == 3:
         for key, value in (("in_channels", data_shape[0]), ("image_size", data_shape[-1])):
             if key in net and net[key] is None:

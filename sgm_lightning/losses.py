@@ -12,9 +12,16 @@ dimensions (``reduce="mean"``, the default: losses are comparable across resolut
 (``reduce="sum"``, the objective exactly as written in the papers). The LightningModule reduces over
 the batch.
 
-Noise-free score matching (``SlicedScoreMatchingLoss``, ``ImplicitScoreMatchingLoss``) takes a
-plain ``score_net(x) -> score`` and ``(score_net, x, generator=None)``; these default to
-``reduce="sum"`` because their closed forms (1/2 ||s||^2 + tr grad s) are sums over dimensions.
+``EDMLoss`` is Karras et al. 2022's objective (log-normal noise levels, weighting
+(sigma^2 + sigma_data^2) / (sigma sigma_data)^2) with the same signature; ``dsm_grid_loss`` is the
+deterministic validation loss (DSM on a fixed grid of t with fixed noise).
+
+Noise-free score matching (``SlicedScoreMatchingLoss``, ``ImplicitScoreMatchingLoss``,
+``FDSMLoss``) takes a plain ``score_net(x) -> score`` (or a ``ScoreModel`` with ``prediction="score"``
+whose network ignores t, e.g. ``nets.mlp.NoiseFreeMLP``) as ``(score_net, x, generator=None)``; with
+``return_t=True`` they return ``(loss, None)`` (no noise level). They default to ``reduce="sum"``
+because their closed forms (1/2 ||s||^2 + tr grad s) are sums over dimensions, and carry
+``noise_free = True``.
 """
 
 from __future__ import annotations
@@ -226,6 +233,75 @@ class NCSNLoss:
         return (loss, t) if return_t else loss
 
 
+class EDMLoss:
+    """EDM training objective (Karras et al. 2022, Eq. 2 and 8, Table 1 "Training"):
+
+        L = E_{sigma, x0, z} [ lambda(sigma) || D_theta(x0 + sigma z; sigma) - x0 ||^2 ],
+        ln sigma ~ N(P_mean, P_std^2),   lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+    On a linear SDE sigma is the noise-to-signal ratio n(t) = sigma(t) / alpha(t), the EDM noise level
+    of x~ = x_t / alpha(t) = x0 + n z (``sde.noise_to_signal``); each drawn level is mapped to
+    t = ``sde.t_from_noise_to_signal(sigma)`` clamped to [eps, T] (the level actually used is n(t), so
+    the rare draws outside the SDE's range are clipped to its ends) and D_theta = ``model.outputs(x_t, t).x0``.
+    Since ||x0_hat - x0||^2 = n^2 ||eps_hat - z||^2 (Tweedie), the loss is computed in eps form,
+    (n^2 + sigma_data^2) / sigma_data^2 ||eps_hat - z||^2. For the preconditioned ``prediction="edm"``
+    network, lambda c_out^2 = 1: the raw network regresses a unit-variance target with unit weight
+    (Karras et al. 2022, Eq. 8 and App. B.6).
+
+    Args:
+        sde: the forward process (VE with sigma_min 0.002, sigma_max 80 is EDM's own).
+        P_mean, P_std: mean and std of ln sigma (-1.2, 1.2 in the paper).
+        sigma_data: the data standard deviation (0.5); the same value as the ``ScoreModel``'s.
+        eps: smallest time (default ``sde.default_eps``).
+        reduce: "mean" (default) or "sum" over data dimensions per example.
+    """
+
+    def __init__(self, sde: SDE, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                 eps: float | None = None, reduce: str = "mean"):
+        check_positive("P_std", P_std)
+        check_positive("sigma_data", sigma_data)
+        check_choice("reduce", reduce, _REDUCTIONS)
+        self.sde = sde
+        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        self.eps = _check_eps(sde.default_eps if eps is None else eps, sde)
+        self.reduce = reduce
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, Table 1)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def sample_t(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t (B,) float64 with ln n(t) ~ N(P_mean, P_std^2), clamped to [eps, T]."""
+        ln_sigma = self.P_mean + self.P_std * torch.randn(x0.shape[0], generator=generator, device=x0.device,
+                                                          dtype=torch.float64)
+        return self.sde.t_from_noise_to_signal(torch.exp(ln_sigma)).clamp(self.eps, self.sde.T)
+
+    def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
+                 return_t: bool = False, **cond):
+        t = self.sample_t(x0, generator)
+        n = self.sde.noise_to_signal(t).to(x0.dtype)
+        err, t = _eps_error(self.sde, model, x0, t, generator, self.reduce, cond)
+        loss = self.weight(n) * n**2 * err  # = lambda(n) ||x0_hat - x0||^2
+        return (loss, t) if return_t else loss
+
+
+def dsm_grid_loss(sde: SDE, model, x0: torch.Tensor, times: torch.Tensor, generator: torch.Generator,
+                  reduce: str = "mean", **cond) -> torch.Tensor:
+    """|| eps_theta(x_t, t_k) - z ||^2 per time of a fixed grid and per example, shape (K, B).
+
+    The denoising score-matching loss of ``DSMLoss(weighting="sigma2")`` (Song et al. 2021, Eq. 7),
+    evaluated at every t_k of ``times`` (K,) instead of a random t, with noise z drawn from
+    ``generator``: seeded identically, two evaluations of the same weights give the same numbers,
+    which makes it a smooth validation curve comparable across runs and objectives.
+    """
+    check_choice("reduce", reduce, _REDUCTIONS)
+    rows = []
+    for t in times.tolist():
+        t_b = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
+        rows.append(_eps_error(sde, model, x0, t_b, generator, reduce, cond)[0])
+    return torch.stack(rows)
+
+
 # --------------------------------------------------------------------------- noise-free score matching
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     if not torch.is_floating_point(x):
@@ -233,7 +309,42 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True)
 
 
-class SlicedScoreMatchingLoss:
+def _score_of(score_net) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> s(x)``: ``score_net`` itself, or the score of a ``ScoreModel`` whose raw output is the
+    score (``prediction="score"``) of a network that ignores the time label (``NoiseFreeMLP``)."""
+    if not hasattr(score_net, "outputs"):
+        return score_net
+    if getattr(score_net, "prediction", None) != "score":
+        raise ValueError("noise-free score matching trains a network that outputs the score: use "
+                         f"model.prediction=score (got prediction={score_net.prediction!r})")
+    return lambda x: score_net(x, score_net.sde.T)
+
+
+def _noise_free_result(loss: torch.Tensor, x: torch.Tensor, reduce: str, return_t: bool):
+    loss = loss / x[0].numel() if reduce == "mean" else loss
+    return (loss, None) if return_t else loss
+
+
+class _Sliced:
+    """Settings shared by the sliced objectives: ``n_projections`` projections v per example with
+    E[v v^T] = I (Rademacher or standard Gaussian), and the reduction over data dimensions."""
+
+    noise_free = True
+
+    def __init__(self, n_projections: int, distribution: str, reduce: str):
+        check_positive("n_projections", n_projections, integer=True)
+        check_choice("distribution", distribution, ("rademacher", "gaussian"))
+        check_choice("reduce", reduce, _REDUCTIONS)
+        self.n_projections = int(n_projections)
+        self.distribution = distribution
+        self.reduce = reduce
+
+    def projections(self, x: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
+        draw = rademacher_like if self.distribution == "rademacher" else randn_like
+        return [draw(x, generator) for _ in range(self.n_projections)]
+
+
+class SlicedScoreMatchingLoss(_Sliced):
     """Sliced score matching (Song, Garg, Shi & Ermon 2019, Eq. 7-8) for a noise-free ``score_net(x)``:
 
         SSM:     J = E_v [ v^T grad_x s(x) v + 1/2 (v^T s(x))^2 ]
@@ -249,23 +360,18 @@ class SlicedScoreMatchingLoss:
         variance_reduction: use SSM-VR.
         distribution: "rademacher" or "gaussian" projections.
         reduce: "sum" (default; the objective as written) or "mean" (divided by D).
+        sde: ignored (the entry points pass one to every loss).
     """
 
     def __init__(self, n_projections: int = 1, variance_reduction: bool = True,
-                 distribution: str = "rademacher", reduce: str = "sum"):
-        check_positive("n_projections", n_projections, integer=True)
-        check_choice("distribution", distribution, ("rademacher", "gaussian"))
-        check_choice("reduce", reduce, _REDUCTIONS)
-        self.n_projections = int(n_projections)
+                 distribution: str = "rademacher", reduce: str = "sum", sde: SDE | None = None):
+        super().__init__(n_projections, distribution, reduce)
         self.variance_reduction = bool(variance_reduction)
-        self.distribution = distribution
-        self.reduce = reduce
 
     def __call__(self, score_net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        x = _prepare(x)
-        draw = rademacher_like if self.distribution == "rademacher" else randn_like
-        vs = [draw(x, generator) for _ in range(self.n_projections)]
+                 generator: torch.Generator | None = None, return_t: bool = False, **cond):
+        score_net, x = _score_of(score_net), _prepare(x)
+        vs = self.projections(x, generator)
         with torch.enable_grad():
             s = score_net(x)
             total = 0.0
@@ -278,7 +384,7 @@ class SlicedScoreMatchingLoss:
             loss = total / self.n_projections
             if self.variance_reduction:
                 loss = loss + 0.5 * batch_dim_sum(s * s)
-        return loss / x[0].numel() if self.reduce == "mean" else loss
+        return _noise_free_result(loss, x, self.reduce, return_t)
 
 
 class ImplicitScoreMatchingLoss:
@@ -289,16 +395,63 @@ class ImplicitScoreMatchingLoss:
 
     Args:
         reduce: "sum" (default; the objective as written) or "mean" (divided by D).
+        sde: ignored (the entry points pass one to every loss).
     """
 
-    def __init__(self, reduce: str = "sum"):
+    noise_free = True
+
+    def __init__(self, reduce: str = "sum", sde: SDE | None = None):
         check_choice("reduce", reduce, _REDUCTIONS)
         self.reduce = reduce
 
     def __call__(self, score_net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        x = _prepare(x)
+                 generator: torch.Generator | None = None, return_t: bool = False, **cond):
+        score_net, x = _score_of(score_net), _prepare(x)
         with torch.enable_grad():
             s = score_net(x)
             loss = 0.5 * batch_dim_sum(s * s) + exact_divergence(s, x, create_graph=True)
-        return loss / x[0].numel() if self.reduce == "mean" else loss
+        return _noise_free_result(loss, x, self.reduce, return_t)
+
+
+class FDSMLoss(_Sliced):
+    """Finite-difference sliced score matching, FD-SSM (Pang et al. 2020, "Efficient Learning of
+    Generative Models via Finite-Difference Score Matching", Sec. 3-4) for a noise-free ``score_net(x)``.
+
+    SSM's projected terms (Song et al. 2019, Eq. 7) are replaced by central differences along v,
+    with s_+ = v^T s(x + eps v) and s_- = v^T s(x - eps v):
+
+        v^T grad_x s(x) v  ~  (s_+ - s_-) / (2 eps),      v^T s(x)  ~  (s_+ + s_-) / 2,
+        J_FD = E_v [ (s_+ - s_-) / (2 eps) + 1/8 (s_+ + s_-)^2 ],
+
+    both exact for a linear score (a Gaussian model) and O(eps^2) otherwise. No Jacobian-vector
+    product is needed: one forward pass on the 2B points x +- eps v and ordinary backpropagation,
+    instead of SSM's forward, gradient and double-backward (the cost per example is in
+    ``benchmarks/score_matching_cost.py``).
+
+    Args:
+        eps: finite-difference step along v (E[v v^T] = I, so the displacement has norm eps sqrt(D)).
+        n_projections: number of projections v per example (averaged).
+        distribution: "rademacher" or "gaussian" projections.
+        reduce: "sum" (default; the objective as written) or "mean" (divided by D).
+        sde: ignored (the entry points pass one to every loss).
+    """
+
+    def __init__(self, eps: float = 0.01, n_projections: int = 1, distribution: str = "rademacher",
+                 reduce: str = "sum", sde: SDE | None = None):
+        super().__init__(n_projections, distribution, reduce)
+        check_positive("eps", eps)
+        self.eps = float(eps)
+
+    def __call__(self, score_net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 generator: torch.Generator | None = None, return_t: bool = False, **cond):
+        if not torch.is_floating_point(x):
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        score_net, x = _score_of(score_net), x.detach()
+        v = torch.cat(self.projections(x, generator))  # (P B, ...)
+        xs = x.repeat(self.n_projections, *([1] * (x.ndim - 1)))
+        with torch.enable_grad():
+            s = score_net(torch.cat([xs + self.eps * v, xs - self.eps * v]))
+            s_plus, s_minus = (batch_dim_sum(part * v) for part in s.chunk(2))
+            j = (s_plus - s_minus) / (2 * self.eps) + 0.125 * (s_plus + s_minus) ** 2
+            loss = j.reshape(self.n_projections, x.shape[0]).mean(0)
+        return _noise_free_result(loss, x, self.reduce, return_t)

@@ -43,7 +43,7 @@ def test_train_with_fid_callbacks_logs_and_keeps_best(tmp_path):
 
 def test_empty_validation_split_stops_at_start_up(tmp_path):
     out = run_script("train.py", *TINY, "logger=none", "callbacks=fid", "metrics=randproj", "trainer.max_steps=4",
-                     f"hydra.run.dir={tmp_path / 'run'}")  # digits: data.val_fraction=0 by default
+                     "data.val_fraction=0.0", f"hydra.run.dir={tmp_path / 'run'}")  # no validation split
     assert out.returncode == 2
     assert "LikelihoodCallback(split='val') has no data" in out.stderr and "data.val_fraction" in out.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "last.ckpt")

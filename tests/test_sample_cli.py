@@ -37,9 +37,13 @@ def ckpt_path(tmp_path_factory):
         for p in module.parameters():
             p.add_(0.01)
     module.ema_update()
+    return write_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "last.ckpt")
+
+
+def write_checkpoint(module, path) -> str:
+    """Save ``module`` with the layout train.py writes (state dict, hparams, sgm_config, EMA, RNG)."""
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1}
     module.on_save_checkpoint(ckpt)
-    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
     torch.save(ckpt, path)
     return str(path)
 

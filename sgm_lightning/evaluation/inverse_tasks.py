@@ -2,7 +2,9 @@
 super-resolution and deblurring, with PSNR / SSIM (torchmetrics, images mapped to [0, 1]).
 
 ``run_inverse_task`` builds the operator of the task, measures the ground-truth images, runs the
-chosen solver with ``score_model.score`` and returns everything needed for a grid (``make_task_grid``:
+chosen solver with ``score_model.score`` (posterior sampling with an unconditional prior: DPS,
+replacement, RePaint; or, for super-resolution, a conditional SR3 model, ``inverse.sr3``, and the
+plain bicubic upsampling baseline) and returns everything needed for a grid (``make_task_grid``:
 rows input / measurement / reconstruction / truth) and a JSON summary; ``restore_dataset_images`` is
 ``sample.py mode=task``: it restores the first images of a data module's split and writes the files.
 """
@@ -19,10 +21,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from sgm_lightning.inverse.operators import (AvgPoolDownsample, BoxInpainting, GaussianBlur, Grayscale,
                                              HalfInpainting, LinearOperator, RandomInpainting)
 from sgm_lightning.inverse.solvers import dps_sample, repaint_sample, replacement_sample
+from sgm_lightning.inverse.sr3 import sr3_sample, upsample
 from sgm_lightning.utils import check_choice
 
 TASKS = ("inpaint", "colorize", "superres", "deblur")
-METHODS = ("dps", "replacement", "repaint")
+METHODS = ("dps", "replacement", "repaint", "sr3", "bicubic")
+SUPERRES_ONLY = ("sr3", "bicubic")  # conditional model / interpolation baseline of task="superres"
 MASKS = ("box", "random", "half")
 _OPERATOR_KEYS = {"mask", "box", "fraction", "seed", "side", "weights", "factor", "kernel_size", "blur_sigma",
                   "padding", "sigma_y"}
@@ -72,12 +76,16 @@ def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: 
         sde: its forward SDE.
         task: "inpaint" | "colorize" | "superres" | "deblur".
         method: "dps" | "replacement" | "repaint" (the last two need an operator with a
-            pseudo-inverse, i.e. not "deblur").
+            pseudo-inverse, i.e. not "deblur"); for task="superres" also "sr3" (``score_model`` was
+            trained on SR3 pairs: its network takes ``x_cond``, the low-res measurement upsampled
+            with ``interpolation``, and ``sampler`` draws from p(x | y)) and "bicubic" (the
+            upsampled measurement itself, no model).
         steps: number of solver steps.
         generator: randomness of the measurement noise and the solver.
         task_options: operator options (mask, box, fraction, seed, side, weights, factor,
             kernel_size, blur_sigma, padding, sigma_y) and solver options (zeta, guidance, snr,
-            corrector_steps, jump_length, resamplings, eps, denoise).
+            corrector_steps, jump_length, resamplings, eps, denoise; for sr3: interpolation
+            (default "bicubic"), sampler (default "ddpm") and that sampler's options).
     Returns:
         dict with "reconstruction", "measurement" (y shown in image space: A^+ y, the upsampled
         low-resolution or replicated gray image, the blurred image), "input" (the noise-free
@@ -90,20 +98,33 @@ def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: 
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     op_kwargs = {k: v for k, v in task_options.items() if k in _OPERATOR_KEYS}
     solver_kwargs = {k: v for k, v in task_options.items() if k not in _OPERATOR_KEYS}
+    if method in SUPERRES_ONLY and task != "superres":
+        raise ValueError(f"method={method!r} solves task='superres' only, got task={task!r}")
     operator = make_operator(task, channels=images.shape[1], **op_kwargs)
     if method != "dps" and not operator.has_pinv:
         raise ValueError(f"method={method!r} needs a pseudo-inverse, which task={task!r} lacks; use method='dps'")
     y = operator.measure(images, generator=generator)
-    result = _SOLVERS[method](score_model.score, sde, operator, y, steps=steps, shape=tuple(images.shape),
-                              generator=generator, **solver_kwargs)
-    recon = result.samples.detach().clamp(-1, 1)
+    if method in SUPERRES_ONLY:
+        x_cond = upsample(y, tuple(images.shape[-2:]), solver_kwargs.pop("interpolation", "bicubic"))
+        sampler = solver_kwargs.pop("sampler", "ddpm")
+        if method == "bicubic":
+            recon, nfe = x_cond.clamp(-1, 1), 0
+        else:
+            with torch.no_grad():
+                result = sr3_sample(score_model, sde, x_cond, method=sampler, steps=steps, generator=generator,
+                                    **solver_kwargs)
+            recon, nfe = result.samples.detach().clamp(-1, 1), result.nfe
+    else:
+        result = _SOLVERS[method](score_model.score, sde, operator, y, steps=steps, shape=tuple(images.shape),
+                                  generator=generator, **solver_kwargs)
+        recon, nfe = result.samples.detach().clamp(-1, 1), result.nfe
     with torch.no_grad():
         degraded = operator.forward(images)
         shown_input = operator.pinv(degraded) if operator.has_pinv else degraded
         measurement = operator.to_image(y)
     psnr, ssim = image_metrics(recon, images)
     return {"reconstruction": recon, "measurement": measurement.clamp(-1, 1), "input": shown_input.clamp(-1, 1),
-            "truth": images, "psnr": psnr, "ssim": ssim, "nfe": result.nfe, "task": task, "method": method,
+            "truth": images, "psnr": psnr, "ssim": ssim, "nfe": nfe, "task": task, "method": method,
             "operator": repr(operator)}
 
 

@@ -119,6 +119,10 @@ class NoiseFreeMLP(nn.Module):
         hidden_dim: width of the hidden layers.
         num_layers: number of hidden layers.
         activation: one of ``ACTIVATIONS`` (default softplus, smooth for the Jacobian-based losses).
+
+    ``forward(x, label=None, y=None)``: a time label (passed when the network is wrapped in a
+    ``ScoreModel`` with ``prediction="score"``, as ``train.py`` does) is ignored; class labels are
+    not supported.
     """
 
     def __init__(self, dim: int = 2, hidden_dim: int = 128, num_layers: int = 3, activation: str = "softplus"):
@@ -131,5 +135,8 @@ class NoiseFreeMLP(nn.Module):
         """Constructor keyword arguments (for logging and checkpoints)."""
         return dict(self._hparams)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is not None:
+            raise ValueError("NoiseFreeMLP is unconditional: class labels y are not supported")
         return self.trunk(flatten_check(x, self.dim)).reshape(x.shape)

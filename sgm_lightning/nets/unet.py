@@ -17,7 +17,10 @@ Architecture (Ho et al. 2020, App. B; Song et al. 2021, App. H "DDPM++"):
 
 The embedding is the time/noise label embedding (``TimeEmbedding``), plus a learned class
 embedding (``LabelEmbedding``, with a null class for classifier-free guidance) when ``num_classes``.
-The network is called ``net(x, label, y=None)`` and never sees the SDE.
+With ``cond_channels > 0`` the network also takes an image condition ``x_cond`` (B, cond_channels,
+H, W) concatenated to x along channels before the input convolution (SR3, Saharia et al. 2022:
+the bicubic-upsampled low-resolution image). The network is called
+``net(x, label, y=None, x_cond=None)`` and never sees the SDE.
 """
 
 from __future__ import annotations
@@ -235,18 +238,22 @@ class UNet(nn.Module):
         resample_with_conv: convolutional (True) or parameter-free (False) up/downsampling.
         skip_rescale: divide residual sums by sqrt(2) (DDPM++).
         attention_heads: heads of every attention block (must divide its channels).
+        cond_channels: channels of an image condition concatenated to x (0: none; SR3 uses C).
 
-    ``forward(x, label, y=None)``: x (B, C, H, W), label (B,) float, y (B,) LongTensor of classes
-    (-1 or num_classes = null label; y=None = unconditional). Returns a tensor shaped like x.
+    ``forward(x, label, y=None, x_cond=None)``: x (B, C, H, W), label (B,) float, y (B,) LongTensor of
+    classes (-1 or num_classes = null label; y=None = unconditional), x_cond (B, cond_channels, H, W)
+    (required when cond_channels > 0). Returns a tensor shaped like x.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, image_size: int = 32,
                  base_channels: int = 128, channel_mults: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, embedding: str = "sinusoidal",
                  fourier_scale: float = 16.0, num_classes: int | None = None, num_groups: int = 32,
-                 resample_with_conv: bool = True, skip_rescale: bool = True, attention_heads: int = 1):
+                 resample_with_conv: bool = True, skip_rescale: bool = True, attention_heads: int = 1,
+                 cond_channels: int = 0):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
+        self.cond_channels = check_int("cond_channels", cond_channels, min=0)
         check_int("out_channels", out_channels)
         check_choice("embedding", embedding, ("sinusoidal", "fourier"))
         if num_classes is not None:
@@ -259,16 +266,16 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, kind=embedding, fourier_scale=fourier_scale, out_dim=emb_dim)
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
-        self.encoder = UNetEncoder(in_channels, image_size, base_channels, channel_mults, num_res_blocks,
-                                   attn_resolutions, dropout, emb_dim, num_groups, resample_with_conv,
-                                   skip_rescale, attention_heads)
+        self.encoder = UNetEncoder(in_channels + self.cond_channels, image_size, base_channels, channel_mults,
+                                   num_res_blocks, attn_resolutions, dropout, emb_dim, num_groups,
+                                   resample_with_conv, skip_rescale, attention_heads)
         mults, attn = self.encoder.channel_mults, self.encoder.attn_resolutions
         self._hparams = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size,
                              base_channels=base_channels, channel_mults=mults, num_res_blocks=num_res_blocks,
                              attn_resolutions=attn, dropout=dropout, embedding=embedding,
                              fourier_scale=fourier_scale, num_classes=num_classes, num_groups=num_groups,
                              resample_with_conv=resample_with_conv, skip_rescale=skip_rescale,
-                             attention_heads=attention_heads)
+                             attention_heads=attention_heads, cond_channels=self.cond_channels)
         block_kw = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, skip_rescale=skip_rescale)
         attn_kw = dict(num_heads=attention_heads, num_groups=num_groups, skip_rescale=skip_rescale)
         skips = list(self.encoder.skip_channels)
@@ -294,9 +301,18 @@ class UNet(nn.Module):
         """SiLU(time embedding + class embedding), (B, 4 * base_channels)."""
         return embed_conditions(self.time_embed, self.label_embed, label, x, y)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None,
+                x_cond: torch.Tensor | None = None) -> torch.Tensor:
         check_image(x, self.in_channels, self.image_size)
         emb = self.embed(x, label, y)
+        if self.cond_channels:
+            if x_cond is None:
+                raise ValueError(f"this U-Net has cond_channels={self.cond_channels}: pass the image condition x_cond")
+            check_image(x_cond, self.cond_channels, self.image_size)
+            x = torch.cat([x, x_cond.to(x.dtype)], dim=1)
+        elif x_cond is not None:
+            raise ValueError("an image condition x_cond was given but the network has cond_channels=0; "
+                             "build it with cond_channels=C for SR3-style conditioning")
         h, skips = self.encoder(x, emb)
         for stage in self.up:
             if isinstance(stage, EmbSequential):  # residual stages consume one skip activation each

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
+from sgm_lightning.losses import dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice
@@ -79,7 +80,8 @@ class ScoreLitModule(L.LightningModule):
             step n is ``ema_halflife_beta`` below; replaces ema_decay /
             ema_warmup when set.
         ema_rampup_ratio: half-life ramp-up of ``ema_halflife_img`` (EDM: 0.05; None: no ramp-up).
-        use_ema_for_eval: validation / sampling use the EMA weights unless told otherwise.
+        use_ema_for_eval: validation / sampling use the EMA weights unless told otherwise (the swap
+            during validation is done by ``EMACallback``).
         cond_drop_prob: label dropout for classifier-free guidance (Ho & Salimans 2022); the null
             label has index ``num_classes``.
         num_loss_buckets: the training loss is also logged per noise level, in this many t buckets.
@@ -177,12 +179,12 @@ class ScoreLitModule(L.LightningModule):
         return {"y": y}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        losses, t = self.loss_fn(self.score_model, x, generator=self.generator, return_t=True,
-                                 **self._cond(y, drop=True))
+        x, cond = self._unpack(batch, drop=True)
+        losses, t = self.loss_fn(self.score_model, x, generator=self.generator, return_t=True, **cond)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
-        self._log_buckets(losses.detach(), t.detach())
+        if t is not None:  # noise-free losses have no noise level
+            self._log_buckets(losses.detach(), t.detach())
         self._log_throughput(x.shape[0])
         return loss
 
@@ -220,6 +222,51 @@ class ScoreLitModule(L.LightningModule):
         warm = int(h.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def _unpack(self, batch, drop: bool) -> tuple[torch.Tensor, dict]:
+        """(x, conditioning kwargs) of a batch ``x`` or ``(x, y[, x_cond])``: class labels for
+        class-conditional networks (label dropout when ``drop``), and SR3's image condition ``x_cond``
+        (``training.data.superres``)."""
+        if not isinstance(batch, (tuple, list)):
+            return batch, {}
+        cond = self._cond(batch[1] if len(batch) > 1 else None, drop)
+        if len(batch) > 2:
+            cond["x_cond"] = batch[2]
+        return batch[0], cond
+
+    def val_times(self) -> torch.Tensor:
+        """The fixed t grid of the validation loss (float64): the midpoints of the
+        ``num_loss_buckets`` equal buckets of [0, T] (the buckets of ``train/loss_t*``)."""
+        k, T = self.hparams.num_loss_buckets, self.sde.T
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * (T / k)).clamp_min(self.sde.default_eps)
+
+    def validation_losses(self, batch, batch_idx: int) -> torch.Tensor:
+        """Validation losses of one batch, (K, B) on the ``val_times`` grid (or (1, B) for noise-free losses).
+
+        The denoising score-matching loss || eps_theta(x_t, t_k) - z ||^2 (``losses.dsm_grid_loss``) at
+        fixed times with noise z from a generator seeded by (batch_idx, rank) alone: two evaluations of
+        the same weights agree exactly and runs with other objectives or seeds are comparable. The
+        training generator and the global RNG are not touched, so exact resume is unaffected.
+        Noise-free models are evaluated with their own (sliced / finite-difference) objective.
+        """
+        x, cond = self._unpack(batch, drop=False)
+        g = torch.Generator(device=x.device)
+        g.manual_seed(_rank_seed(batch_idx, self.global_rank))
+        if getattr(self.loss_fn, "noise_free", False):
+            with torch.inference_mode(False), torch.enable_grad():  # these losses differentiate in x
+                return self.loss_fn(self.score_model, x.clone(), generator=g).detach()[None]
+        return dsm_grid_loss(self.sde, self.score_model, x, self.val_times().to(x.device), g, **cond)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        losses = self.validation_losses(batch, batch_idx)
+        n = losses.shape[1]
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=n)
+        if losses.shape[0] > 1:
+            k, T = losses.shape[0], self.sde.T
+            for b in range(k):
+                self.log(f"val/loss_t{b / k * T:.1f}-{(b + 1) / k * T:.1f}", losses[b].mean(), sync_dist=True,
+                         batch_size=n)
 
     # ------------------------------------------------------------------ EMA
     @contextlib.contextmanager

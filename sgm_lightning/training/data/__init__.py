@@ -13,6 +13,7 @@ _EXPORTS = {
     "MNISTEmbeddedDataModule": "embedded",
     "ToyDataModule": "toy",
     "TOY_NAMES": "toy",
+    "SuperResDataModule": "superres",
     "HFImageDataModule": "hub",
     "MapDataModule": "hub",
     "HUB_ALIASES": "hub",

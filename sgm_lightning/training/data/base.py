@@ -147,7 +147,8 @@ class BaseDataModule(L.LightningDataModule):
             log.info("%s shards batches itself: disabling Lightning's distributed sampler", type(self).__name__)
             connector.use_distributed_sampler = False
 
-    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
+                generator: torch.Generator | None = None) -> DataLoader:
         self._disable_distributed_sampler_injection()
         return DataLoader(
             dataset,
@@ -155,7 +156,8 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            generator=batch_sampler.sampler.loader_generator,  # not the global RNG (see data/sampler.py)
+            # not the global RNG (see data/sampler.py)
+            generator=batch_sampler.sampler.loader_generator if generator is None else generator,
         )
 
     # ------------------------------------------------------------------ dataloaders
@@ -198,7 +200,8 @@ class BaseDataModule(L.LightningDataModule):
         rank, ws = self._layout()
         bs = self.per_rank_batch_size(self.val_batch_size, ws)
         sampler = ResumableBatchSampler(len(self.val_dataset), bs, rank, ws, self.seed, shuffle=False, drop_last=False)
-        return self._loader(self.val_dataset, sampler)
+        # its own generator: iterating it must not draw from the global RNG (exact resume of training)
+        return self._loader(self.val_dataset, sampler, generator=torch.Generator().manual_seed(self.seed))
 
     def reference_dataloader(self, batch_size: int, num_samples: int | None = None) -> DataLoader:
         """The first ``num_samples`` training examples in dataset order on one process (e.g. for FID
