@@ -24,7 +24,7 @@ from sgm_lightning.training.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["logger=none", "~callbacks.samples", "data.batch_size=8", "net.base_channels=8", "net.channel_mults=[1]",
-        "model.ema_decay=0.9", "optim.warmup_steps=3", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
+        "model.ema_decay=0.9", "lr_schedule.warmup_steps=3", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
         "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
