@@ -220,3 +220,30 @@ def test_gpu_bf16_compile_cli_run_and_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 30 and ckpt["ema"]["num_updates"] == 30
+
+
+def _train_cli(run_dir, *overrides, timeout=900):
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cpu_cli_bf16_compile_run_resume_and_sample(tmp_path):
+    """train.py with model.compile (real inductor on CPU: minutes), a resume, and sample.py from it."""
+    tiny = ["net.base_channels=8", "net.channel_mults=[1,2]", "net.num_groups=4", "data.batch_size=16",
+            "logger=csv", "trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true",
+            "trainer.log_every_n_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.samples.every_n_steps=4", "callbacks.samples.num_samples=4",
+            "callbacks.samples.samplers={ddpm:{method:ddpm,steps:3,options:{}}}"]
+    first = _train_cli(tmp_path, *tiny, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = _train_cli(tmp_path, *tiny, "trainer.max_steps=4", "ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and not any("_orig_mod" in k for k in ckpt["state_dict"])
+    assert os.path.getsize(tmp_path / "samples" / "ddpm_step4.png") > 0
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"ckpt_path={tmp_path}/checkpoints/last.ckpt",
+                          "method=ddpm", "steps=2", "num_samples=2", f"out_dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/s"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -29,7 +29,7 @@ from torch_ema import ExponentialMovingAverage
 
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
-from sgm_lightning.training.optim import accepts, check_optimizer, from_legacy_hparams
+from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
 from sgm_lightning.utils import check_choice
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -73,7 +73,8 @@ class ScoreLitModule(L.LightningModule):
                  label: str | None = None, data_shape: Sequence[int] = (1, 8, 8),
                  data_range: str = "[-1,1]", optimizer: Callable | None = None,
                  lr_scheduler: Callable | None = None, fused: bool | None = None, compile: bool = False,
-                 compile_mode: str | None = None, channels_last: bool = False, ema_decay: float = 0.9999, ema_warmup: bool = True,
+                 compile_mode: str | None = None, channels_last: bool = False,
+                 ema_decay: float = 0.9999, ema_warmup: bool = True,
                  use_ema_for_eval: bool = True, cond_drop_prob: float = 0.1, num_loss_buckets: int = 10,
                  seed: int = 0, config: dict | None = None):
         super().__init__()
@@ -381,8 +382,10 @@ def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu"
     if cfg.get("optim") is not None:
         optim = {"optimizer": instantiate(cfg["optim"], _convert_="all"),
                  "lr_scheduler": instantiate(cfg["lr_schedule"]) if cfg.get("lr_schedule") else None}
-    else:  # written before the optim / lr_schedule groups: optimizer="adam", lr=..., warmup_steps=...
+    elif any(k in hp for k in LEGACY_OPTIM_KEYS):  # written before the optim / lr_schedule groups
         optim = dict(zip(("optimizer", "lr_scheduler"), from_legacy_hparams(hp)))
+    else:
+        optim = {}
     module = ScoreLitModule(net=net, sde=sde, loss=loss, **hp, **optim)
     module.load_state_dict(ckpt["state_dict"])
     if module.ema is not None and ckpt.get("ema") is not None:
