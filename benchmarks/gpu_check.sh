@@ -2,10 +2,11 @@
 # GPU checks of the training speed work, in priority order, within a total time budget:
 #   1. pytest -m gpu (bf16 + compile train.py run of 20 steps with checkpoint and grids, then a resume)
 #   2. benchmarks/train_step.py, DDPM++ CIFAR-10 (63.1 M), batch 128: fp32, bf16-mixed + channels_last,
-#      bf16-mixed + channels_last + compile; Lightning and plain img/s, ratio, MFU
-#   3. benchmarks/profile_step.py on bf16 + channels_last + compile: wall / kernel time per step,
-#      GPU busy, kernels per step, shares by kernel family, host syncs per step
-#   4. net=ddpm_cifar10 (38.3 M), batch 128: fp32, bf16-mixed, then bf16 + compile if time is left
+#      bf16-mixed + channels_last + compile; Lightning and plain img/s, ratio, MFU. The compiled one then
+#      profiles the same module (--profile, no second compile): wall / kernel time per step, GPU busy,
+#      kernels per step, shares by kernel family, aten ops and host syncs per step
+#   3. net=ddpm_cifar10 (38.3 M), batch 128: fp32, bf16-mixed, then bf16 + channels_last + compile
+#   4. benchmarks/profile_step.py on eager bf16 + channels_last (the picture before compile)
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU box, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_check.sh         # the same steps, tiny, on CPU (checks this script)
@@ -32,7 +33,7 @@ if [ "${SMOKE:-0}" = "1" ]; then
   export OMP_NUM_THREADS=1
 else
   DEV="--device cuda"; CFG=cifar10_ddpmpp; BATCH=128; STEPS="--steps 15 --warmup 5 --repeats 2"
-  PSTEPS="--steps 10 --warmup 5 --log-every 25"; DDPM=ddpm_cifar10; SCALE=1
+  PSTEPS="--steps 10 --warmup 3 --log-every 5"; DDPM=ddpm_cifar10; SCALE=1
 fi
 
 say() { echo "$*" | tee -a "$LOG" "$SUMMARY"; }
@@ -49,7 +50,7 @@ step() {
   say "== $name (timeout ${limit}s): $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" \
-    | grep -E --line-buffered "^(lightning|plain|variant) |ratio|FLOPs per|config=|wall time|GPU |kernels per|^  repeat|^  [a-zA-Z(/][a-zA-Z /()<>-]* +[0-9.]+%|non-logging|logging steps|host syncs|passed|failed|skipped|^[A-Za-z]*Error" \
+    | grep -E --line-buffered "^(lightning|plain|variant) |ratio|FLOPs per|config=|wall time|GPU |kernels per|^  repeat|^  [a-zA-Z(/][a-zA-Z /()<>-]* +[0-9.]+%|^  [0-9]+:[0-9]|time shares|non-logging|logging steps|host syncs|passed|failed|skipped|^[A-Za-z]*Error" \
     >>"$SUMMARY"
   local st=("${PIPESTATUS[@]}")
   local rc=${st[0]}
@@ -67,11 +68,12 @@ B="$PYTHON benchmarks/train_step.py --config $CFG --batch-size $BATCH $DEV $STEP
 step "1 pytest -m gpu" 200 60 $PYTHON -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_training.py
 step "2a $CFG fp32" 60 25 $B
 step "2b $CFG bf16-mixed channels_last" 60 25 $B --precision bf16-mixed --channels-last
-step "2c $CFG bf16-mixed channels_last compile" $((240 * SCALE)) 90 $B --precision bf16-mixed --channels-last --compile
-step "3 profile bf16 channels_last compile" $((120 * SCALE)) 60 \
-  $PYTHON benchmarks/profile_step.py --config $CFG --batch-size $BATCH $DEV $PSTEPS --precision bf16-mixed --channels-last --compile
+step "2c $CFG bf16-mixed channels_last compile (+ profile)" $((270 * SCALE)) 90 \
+  $B --precision bf16-mixed --channels-last --compile --profile --log-every 5
 D="$PYTHON benchmarks/train_step.py --config $DDPM --batch-size $BATCH $DEV $STEPS"
-step "4a $DDPM fp32" 50 25 $D
-step "4b $DDPM bf16-mixed" 50 25 $D --precision bf16-mixed
-step "4c $DDPM bf16-mixed channels_last compile" $((150 * SCALE)) 80 $D --precision bf16-mixed --channels-last --compile
+step "3a $DDPM fp32" 50 25 $D
+step "3b $DDPM bf16-mixed" 50 25 $D --precision bf16-mixed
+step "3c $DDPM bf16-mixed channels_last compile" $((150 * SCALE)) 80 $D --precision bf16-mixed --channels-last --compile
+step "4 profile $CFG bf16-mixed channels_last, eager" 60 40 \
+  $PYTHON benchmarks/profile_step.py --config $CFG --batch-size $BATCH $DEV $PSTEPS --precision bf16-mixed --channels-last
 say "gpu_check done in $((SECONDS - START))s; full log $LOG"

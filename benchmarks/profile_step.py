@@ -175,26 +175,8 @@ def report_profile(prof, wall: float, args) -> None:
         print(f"  {name:28s} {t / total:6.1%}  ({t / 1e3 / n:8.2f} ms/step)")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=sorted(train_step.CONFIGS), default="small")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=8, help="profiled steps after the warm-up")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--log-every", type=int, default=4, help="trainer.log_every_n_steps")
-    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default=None)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-profiler", action="store_true", help="only count ops and host syncs")
-    args = p.parse_args(argv)
-    args.batch_size = args.batch_size or train_step.CONFIGS[args.config][2]
-    if min(args.steps, args.warmup, args.log_every, args.batch_size) < 1:
-        raise SystemExit("Error: --steps, --warmup, --log-every and --batch-size must be >= 1")
-    template, shape = train_step.build_module(args.config, args.seed, compile=args.compile,
-                                              compile_mode=args.compile_mode, channels_last=args.channels_last)
+def run(template, shape, args) -> None:
+    """Profile (unless ``args.skip_profiler``) and count ops / host syncs of ``template``'s Lightning steps."""
     print(f"config={args.config} batch={args.batch_size} device={args.device} precision={args.precision} "
           f"compile={args.compile} ({args.compile_mode or 'default'}) channels_last={args.channels_last} "
           f"steps={args.steps} after {args.warmup} warm-up, log every {args.log_every}", flush=True)
@@ -215,6 +197,29 @@ def main(argv=None) -> int:
         print(f"host syncs on logging step {logging[0]}: {dict(counter.sync_names[logging[0]])}")
     if quiet:
         print(f"host syncs on non-logging step {quiet[-1]}: {dict(counter.sync_names[quiet[-1]])}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=sorted(train_step.CONFIGS), default="small")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8, help="profiled steps after the warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=4, help="trainer.log_every_n_steps")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-profiler", action="store_true", help="only count ops and host syncs")
+    args = p.parse_args(argv)
+    args.batch_size = args.batch_size or train_step.CONFIGS[args.config][2]
+    if min(args.steps, args.warmup, args.log_every, args.batch_size) < 1:
+        raise SystemExit("Error: --steps, --warmup, --log-every and --batch-size must be >= 1")
+    template, shape = train_step.build_module(args.config, args.seed, compile=args.compile,
+                                              compile_mode=args.compile_mode, channels_last=args.channels_last)
+    run(template, shape, args)
     return 0
 
 

@@ -180,6 +180,10 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="then run profile_step.py's report on the same (already compiled) module")
+    p.add_argument("--log-every", type=int, default=5, help="trainer.log_every_n_steps of the --profile run")
+    p.add_argument("--skip-profiler", action="store_true", help="--profile: only count ops and host syncs")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table lookup)")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or CONFIGS[args.config][2]
@@ -229,6 +233,10 @@ def main(argv=None) -> int:
     print(f"lightning/plain ratio: {med['lightning'] / med['plain']:.3f} (goal >= 0.97)")
     if flops is not None:
         print(f"FLOPs per training step (fwd+bwd, batch {args.batch_size}): {flops / 1e12:.3f} TFLOP")
+    if args.profile:
+        import profile_step
+        print(flush=True)
+        profile_step.run(template, shape, args)
     return 0
 
 
