@@ -67,6 +67,8 @@ def train(cfg: DictConfig):
             continue
         if logger is None and cb["_target_"].endswith("LearningRateMonitor"):
             continue  # needs a logger
+        if cfg.trainer.get("enable_progress_bar") is False and cb["_target_"].endswith("ProgressBar"):
+            continue  # Lightning refuses a progress bar callback with the bar switched off
         callbacks.append(build(cb))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False,
                     callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # write-then-rename checkpoints
