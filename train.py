@@ -48,8 +48,11 @@ def train(cfg: DictConfig):
     model_kwargs = plain(cfg.model)
     model_kwargs.pop("class_conditional", None)
     stored = {"net": net_cfg, "sde": plain(cfg.sde), "loss": plain(cfg.loss), "data": plain(cfg.data),
-              "model": plain(cfg.model), "dataset_id": getattr(datamodule, "dataset_id", None)}
-    module = ScoreLitModule(net=net, sde=sde, loss=loss, **model_kwargs, **plain(cfg.optim),
+              "model": plain(cfg.model), "optim": plain(cfg.optim), "lr_schedule": plain(cfg.get("lr_schedule")),
+              "dataset_id": getattr(datamodule, "dataset_id", None)}
+    optimizer = build(cfg.optim, _convert_="all")  # partials: params -> optimizer, optimizer -> scheduler
+    lr_scheduler = build(cfg.lr_schedule) if cfg.get("lr_schedule") else None
+    module = ScoreLitModule(net=net, sde=sde, loss=loss, **model_kwargs, optimizer=optimizer, lr_scheduler=lr_scheduler,
                             data_shape=tuple(datamodule.data_shape),
                             data_range=getattr(datamodule, "data_range", "[-1,1]"), seed=int(cfg.seed),
                             config=stored)
@@ -65,6 +68,8 @@ def train(cfg: DictConfig):
             continue
         if logger is None and cb["_target_"].endswith("LearningRateMonitor"):
             continue  # needs a logger
+        if cfg.trainer.get("enable_progress_bar") is False and cb["_target_"].endswith("ProgressBar"):
+            continue  # Lightning refuses a progress bar callback with the bar switched off
         callbacks.append(build(cb))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False,
                     callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # write-then-rename checkpoints

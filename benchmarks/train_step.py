@@ -1,16 +1,19 @@
 """Training-step throughput: Lightning (``ScoreLitModule`` + ``Trainer``) vs. a hand-written PyTorch loop.
 
-Both variants train the same network (same initial weights), on the same synthetic data in [-1, 1],
-with the same loss (``DSMLoss``, Song et al. 2021, Eq. 7), optimizer (Adam + linear warm-up, built
-by ``ScoreLitModule.configure_optimizers``), gradient clipping (norm 1.0) and EMA update
-(``ScoreLitModule.ema_update``). Repeats are interleaved (lightning, plain, lightning, ...) and the
-median img/s is reported, with the peak memory (``torch.cuda.max_memory_allocated`` on GPU; the
-process's ``ru_maxrss`` high-water mark on CPU, which only grows, so the plain loop runs first) and,
-on GPU, the model FLOP utilisation (FLOPs of one step counted by ``torch.utils.flop_counter``).
+Both variants train the same module (one after the other, so that a compiled network compiles once), on the same synthetic data in [-1, 1],
+with the same loss (``DSMLoss``, Song et al. 2021, Eq. 7; ``ScoreLitModule.train_losses``, which
+applies ``--channels-last`` / ``--compile``), optimizer (fused Adam + linear warm-up, built by
+``ScoreLitModule.configure_optimizers``), gradient clipping (norm 1.0) and EMA update
+(``ScoreLitModule.ema_update``); the Lightning variant also runs the NaN guard and logs to CSV every
+25 steps, as train.py does. Both are timed the same way: one device synchronisation after the
+warm-up steps and one after the last step. Repeats are interleaved (plain, lightning, plain, ...)
+and the median img/s is reported, with the peak memory (``torch.cuda.max_memory_allocated`` on GPU;
+the process's ``ru_maxrss`` high-water mark on CPU, which only grows, so the plain loop runs first)
+and, on GPU, the model FLOP utilisation (FLOPs of one step counted by ``torch.utils.flop_counter``).
 
     python benchmarks/train_step.py --config cifar10_ddpmpp --batch-size 8 --steps 3 --warmup 1
     python benchmarks/train_step.py --config cifar10_ddpmpp --device cuda --batch-size 128 \
-        --precision bf16-mixed --channels-last --compile
+        --precision bf16-mixed --channels-last --compile --compile-mode max-autotune-no-cudagraphs
 """
 
 from __future__ import annotations
@@ -18,30 +21,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's sgm_lightning, not an installed copy
 CONFIGS = {  # name -> (net config file, data shape, default batch size)
     "small": ("unet_small", (1, 16, 16), 64),
     "cifar10_ddpmpp": ("ddpmpp_cifar10", (3, 32, 32), 8),
+    "ddpm_cifar10": ("ddpm_cifar10", (3, 32, 32), 8),
 }
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp32": 19.5}}  # dense, per GPU (vendor data sheets)
 
 
-def build_module(config: str, seed: int):
+def build_module(config: str, seed: int, compile: bool = False, compile_mode: str | None = None,
+                 channels_last: bool = False):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sgm_lightning.training.lit_module import ScoreLitModule
     from sgm_lightning.losses import DSMLoss
     from sgm_lightning.sde import VPSDE
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    from sgm_lightning.training.optim import warmup_schedule
 
     net_name, shape, _ = CONFIGS[config]
     net_cfg = OmegaConf.load(os.path.join(REPO, "configs", "net", f"{net_name}.yaml"))
@@ -49,8 +58,10 @@ def build_module(config: str, seed: int):
     torch.manual_seed(seed)
     net = instantiate(net_cfg)
     sde = VPSDE()
-    return ScoreLitModule(net=net, sde=sde, loss=DSMLoss(sde=sde), data_shape=shape, lr=2e-4, warmup_steps=100,
-                          ema_decay=0.9999, seed=seed), shape
+    return ScoreLitModule(net=net, sde=sde, loss=DSMLoss(sde=sde), data_shape=shape,
+                          optimizer=functools.partial(torch.optim.Adam, lr=2e-4),
+                          lr_scheduler=functools.partial(warmup_schedule, warmup_steps=100), ema_decay=0.9999,
+                          seed=seed, compile=compile, compile_mode=compile_mode, channels_last=channels_last), shape
 
 
 def make_loader(shape, batch_size: int, num_batches: int, seed: int):
@@ -64,46 +75,54 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _prepare(module, args):
-    if args.channels_last:
-        module.score_model.to(memory_format=torch.channels_last)
-    if args.compile:
-        module.score_model.net = torch.compile(module.score_model.net)
-    return module
+def lightning_trainer(args, callbacks=(), log_every_n_steps: int = 25, root_dir: str | None = None):
+    """The Lightning variant's Trainer: train.py's hot-path callbacks (EMA, NaN guard) and CSV logging."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sgm_lightning.training.callbacks.ema import EMACallback
+    from sgm_lightning.training.fault_tolerance import NaNGuard
+
+    root_dir = root_dir or tempfile.mkdtemp(prefix="sgm_bench_")
+    return L.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                     devices=1, precision=args.precision, gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
+                     logger=CSVLogger(root_dir), default_root_dir=root_dir, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     callbacks=[EMACallback(decay=0.9999), NaNGuard(), *callbacks])
 
 
 def run_lightning(template, shape, args) -> float:
     import lightning as L
 
-    from sgm_lightning.training.callbacks.ema import EMACallback
-
-    module = _prepare(copy.deepcopy(template), args)
+    module = template  # one module for all runs: a compiled forward is compiled once
     times: list[float] = []
 
-    class Timer(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(args.device)
-            times.append(time.perf_counter())
+    class Timer(L.Callback):  # one sync after the warm-up steps, one after the last step (as run_plain)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                _sync(args.device)
+                times.append(time.perf_counter())
 
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-                        devices=1, precision=args.precision, gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EMACallback(), Timer()], num_sanity_val_steps=0, limit_val_batches=0)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == args.warmup + args.steps - 1:
+                _sync(args.device)
+                times.append(time.perf_counter())
+
+    trainer = lightning_trainer(args, callbacks=[Timer()])
     trainer.fit(module, make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed))
-    dt = times[-1] - times[args.warmup - 1] if args.warmup > 0 else times[-1] - times[0]
-    n = args.steps if args.warmup > 0 else args.steps - 1
-    return n * args.batch_size / dt
+    return args.steps * args.batch_size / (times[1] - times[0])
 
 
 def run_plain(template, shape, args) -> float:
-    module = _prepare(copy.deepcopy(template), args).to(args.device)
+    module = template.to(args.device)
+    module.configure_model()  # channels-last weights, compiled forward (Lightning calls it in fit)
     module.ema.to(module.device)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     params = [p for p in module.score_model.parameters()]
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     amp = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(args.device.split(":")[0]) if args.precision == "16-mixed" else None
     module.train()
     t0 = None
     for i, x in enumerate(make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed)):
@@ -111,14 +130,19 @@ def run_plain(template, shape, args) -> float:
             _sync(args.device)
             t0 = time.perf_counter()
         x = x.to(args.device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with amp:
-            loss = module.loss_fn(module.score_model, x, generator=gen).mean()
+            loss = module.train_losses(x)[0].mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
         sched.step()
         module.ema_update()
     _sync(args.device)
@@ -150,10 +174,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (model.compile)")
+    p.add_argument("--compile-mode", default=None,
+                   help="default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs (model.compile_mode)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="then run profile_step.py's report on the same (already compiled) module")
+    p.add_argument("--log-every", type=int, default=5, help="trainer.log_every_n_steps of the --profile run")
+    p.add_argument("--skip-profiler", action="store_true", help="--profile: only count ops and host syncs")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table lookup)")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or CONFIGS[args.config][2]
@@ -165,7 +195,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("Error: --device cuda requested but no CUDA GPU is available; use --device cpu")
 
-    template, shape = build_module(args.config, args.seed)
+    template, shape = build_module(args.config, args.seed, compile=args.compile, compile_mode=args.compile_mode,
+                                   channels_last=args.channels_last)
     nparams = sum(p.numel() for p in template.score_model.parameters())
     results = {"plain": [], "lightning": []}
     memory = {}
@@ -180,7 +211,8 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in results.items()}
     mem_label = "peak CUDA alloc MiB" if args.device.startswith("cuda") else "ru_maxrss MiB (cumulative)"
     print(f"\nconfig={args.config} params={nparams / 1e6:.2f}M batch={args.batch_size} device={args.device} "
-          f"precision={args.precision} compile={args.compile} channels_last={args.channels_last} "
+          f"precision={args.precision} compile={args.compile} ({args.compile_mode or 'default'}) "
+          f"channels_last={args.channels_last} "
           f"steps={args.steps}x{args.repeats} (warm-up {args.warmup})")
     header = f"{'variant':10s} {'img/s (median)':>15s} {'min':>9s} {'max':>9s} {mem_label:>27s}"
     extra = ""
@@ -201,6 +233,10 @@ def main(argv=None) -> int:
     print(f"lightning/plain ratio: {med['lightning'] / med['plain']:.3f} (goal >= 0.97)")
     if flops is not None:
         print(f"FLOPs per training step (fwd+bwd, batch {args.batch_size}): {flops / 1e12:.3f} TFLOP")
+    if args.profile:
+        import profile_step
+        print(flush=True)
+        profile_step.run(template, shape, args)
     return 0
 
 

@@ -24,7 +24,7 @@ from conftest import TINY_QUIET
 from sgm_lightning.training.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [*TINY_QUIET, "model.ema_decay=0.9", "optim.warmup_steps=3", "trainer.deterministic=true",
+TINY = [*TINY_QUIET, "model.ema_decay=0.9", "lr_schedule.warmup_steps=3", "trainer.deterministic=true",
         "trainer.log_every_n_steps=1"]
 
 

@@ -172,8 +172,11 @@ def test_lightning_resume_goes_through_safe_loader(tmp_path):
 
 
 # ------------------------------------------------------------------------- NaN guard
-def test_nan_guard_stops_naming_step_and_keeps_last_good(tmp_path):
-    tr = _trainer(tmp_path, callbacks=[NaNGuard(), InjectNaN(at_step=5)], max_steps=10, every=2)
+@pytest.mark.parametrize("every", [1, None])
+def test_nan_guard_stops_naming_step_and_keeps_last_good(tmp_path, every):
+    """every=1: caught before the bad optimizer step; None (read on logging steps, here every 50): caught
+    when the next checkpoint is about to be written, which is refused."""
+    tr = _trainer(tmp_path, callbacks=[NaNGuard(check_every_n_steps=every), InjectNaN(at_step=5)], max_steps=10, every=2)
     model = Tiny()
     with pytest.raises(NonFiniteError) as e:
         tr.fit(model, _loader())
@@ -181,7 +184,10 @@ def test_nan_guard_stops_naming_step_and_keeps_last_good(tmp_path):
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert ck["global_step"] == 4  # the last good checkpoint, not overwritten
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
+    if every == 1:
+        assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
+    else:
+        assert "found at step 6" in str(e.value)  # when checkpoint step 6 was about to be written
 
 
 def test_nan_guard_names_parameter_with_bad_gradient(tmp_path):
@@ -192,7 +198,7 @@ def test_nan_guard_names_parameter_with_bad_gradient(tmp_path):
 
     model = Tiny(on_step=poison)
     with pytest.raises(NonFiniteError, match=r"gradient of parameter 'lin.weight'.*global step 2"):
-        _trainer(tmp_path, callbacks=[NaNGuard()], max_steps=10).fit(model, _loader())
+        _trainer(tmp_path, callbacks=[NaNGuard(check_every_n_steps=1)], max_steps=10).fit(model, _loader())
 
 
 def test_nan_guard_skip_counts_and_stops_after_max_skips(tmp_path):
@@ -212,6 +218,8 @@ def test_bad_guard_arguments():
         NaNGuard(on_nan="ignore")
     with pytest.raises(ValueError, match="max_skips"):
         NaNGuard(max_skips=0)
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        NaNGuard(check_every_n_steps=0)
 
 
 # ------------------------------------------------------------------------- preemption

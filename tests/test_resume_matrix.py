@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 3  # 1797 digits // 512
 TINY = [
     "logger=none", "data.batch_size=512", "net.base_channels=8", "net.channel_mults=[1]", "net.num_groups=4",
-    "net.dropout=0.1", "model.ema_decay=0.9", "optim.warmup_steps=3", "trainer.deterministic=true",
+    "net.dropout=0.1", "model.ema_decay=0.9", "lr_schedule.warmup_steps=3", "trainer.deterministic=true",
     "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=3",
     "callbacks.samples.num_samples=4", "callbacks.samples.samplers={ddpm:{method:ddpm,steps:2,options:{}}}",

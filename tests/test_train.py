@@ -186,7 +186,10 @@ def test_training_noise_generator_resumes_bitwise():
 
 
 def test_bad_module_arguments_raise():
-    for kw, word in (({"optimizer": "sgd"}, "optimizer"), ({"lr": 0}, "lr"), ({"ema_decay": 1.0}, "ema_decay"),
+    from functools import partial
+    for kw, word in (({"optimizer": "sgd"}, "optimizer"), ({"optimizer": partial(torch.optim.Adam, lr=0)}, "lr"),
+                     ({"optimizer": partial(torch.optim.Adam, betas=(1.5, 0.9))}, "beta"),
+                     ({"compile_mode": "fastest"}, "compile_mode"), ({"ema_decay": 1.0}, "ema_decay"),
                      ({"cond_drop_prob": 1.5}, "cond_drop_prob")):
         with pytest.raises(ValueError, match=word):
             _tiny_module(**kw)
@@ -233,6 +236,7 @@ def test_wandb_offline_decision_and_run_id(tmp_path, monkeypatch):
     ["experiment=ddpmpp_vp_cifar10"], ["experiment=ddpmpp_subvp_cifar10"], ["experiment=ncsnpp_ve_cifar10"],
     ["experiment=ddpm_cifar10"], ["experiment=ncsn_cifar10"], ["sde=vp_cosine", "loss=dsm_likelihood"],
     ["data=toy", "net=mlp", "sde=ve", "loss=ncsn"], ["loss=ddpm", "optim=adamw", "logger=csv", "trainer=cpu"],
+    ["optim=adam", "lr_schedule=cosine", "trainer.max_steps=20000"], ["lr_schedule=constant", "model.compile=true", "model.channels_last=true"],
 ])
 def test_configs_compose_and_build(overrides):
     """Every config group option composes, and its SDE and loss build (published values spot-checked)."""
@@ -242,10 +246,16 @@ def test_configs_compose_and_build(overrides):
         cfg = compose("train", overrides=overrides + ["run_dir=/tmp/unused"])
     sde = instantiate(cfg.sde)
     assert callable(instantiate(cfg.loss, sde=sde))
+    optimizer = instantiate(cfg.optim, _convert_="all")([torch.zeros(1, requires_grad=True)])
+    scheduler = instantiate(cfg.lr_schedule)(optimizer)
+    assert isinstance(optimizer, torch.optim.Optimizer) and optimizer.param_groups[0]["lr"] > 0
+    if "lr_schedule=cosine" in overrides:  # warm-up, peak, then the half cosine down to 0 at max_steps
+        f = scheduler.lr_lambdas[0]
+        assert (f(0), f(4999), f(5000), f(cfg.trainer.max_steps)) == (1 / 5000, 1.0, 1.0, 0.0)
     if "experiment=ncsnpp_ve_cifar10" in overrides:
         assert cfg.model.ema_decay == 0.999 and type(sde).__name__ == "VESDE" and cfg.sde.sigma_max == 50.0
     if "experiment=ddpm_cifar10" in overrides:
         assert cfg.trainer.max_steps == 800_000 and cfg.net.dropout == 0.1 and cfg.model.ema_decay == 0.9999
     if overrides[0].startswith("experiment=ddpmpp"):
-        assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.data.batch_size, cfg.trainer.gradient_clip_val) \
+        assert (cfg.optim.lr, cfg.lr_schedule.warmup_steps, cfg.data.batch_size, cfg.trainer.gradient_clip_val) \
             == (2e-4, 5000, 128, 1.0)

@@ -3,6 +3,8 @@ drops with training, leaves the training RNG streams alone, and runs for noise-f
 
 from __future__ import annotations
 
+import functools
+
 import csv
 import glob
 import os
@@ -25,7 +27,8 @@ def tiny_module(seed: int = 0) -> ScoreLitModule:
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
                attn_resolutions=[], dropout=0.0, num_groups=4)
     sde = VPSDE()
-    return ScoreLitModule(net=net, sde=sde, loss=DSMLoss(sde), data_shape=(1, 8, 8), lr=2e-3, warmup_steps=0,
+    return ScoreLitModule(net=net, sde=sde, loss=DSMLoss(sde), data_shape=(1, 8, 8),
+                          optimizer=functools.partial(torch.optim.Adam, lr=2e-3),
                           ema_decay=0.99, num_loss_buckets=5, seed=seed)
 
 

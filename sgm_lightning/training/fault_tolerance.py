@@ -185,22 +185,35 @@ class PreemptionCheckpoint(Callback):
 
 
 class NaNGuard(Callback):
-    """Stop (or skip the step) when the loss or a gradient is NaN/Inf, before the optimizer step.
+    """Stop (or skip the step) when the loss or a gradient is NaN/Inf.
+
+    The finiteness test runs on the device every step; the host reads its result (a sync) every
+    ``check_every_n_steps`` steps (default: on logging steps, ``trainer.log_every_n_steps``), before a
+    checkpoint is written and at the last step, so that other steps never wait for the GPU. With
+    ``check_every_n_steps=1`` (and always with ``"skip"``) a bad step is caught before its optimizer
+    step; otherwise up to n - 1 more steps run on non-finite weights before the stop, and the
+    checkpoint check below keeps them out of every checkpoint. Under fp16 mixed precision only the
+    loss is checked: the grad scaler itself skips steps with non-finite gradients.
 
     Args:
         on_nan: ``"stop"`` raises ``NonFiniteError`` naming the global step and the culprit;
             ``"skip"`` drops the step's gradients and continues.
         max_skips: with ``"skip"``, raise after this many skipped steps (counted over the run and
             kept in checkpoints).
+        check_every_n_steps: how often the host reads the result (None: ``trainer.log_every_n_steps``).
     """
 
-    def __init__(self, on_nan: str = "stop", max_skips: int = 10):
+    def __init__(self, on_nan: str = "stop", max_skips: int = 10, check_every_n_steps: Optional[int] = None):
         check_choice("on_nan", on_nan, ("stop", "skip"))
         check_positive("max_skips", max_skips, integer=True)
+        if check_every_n_steps is not None:
+            check_positive("check_every_n_steps", check_every_n_steps, integer=True)
         self.on_nan = on_nan
         self.max_skips = int(max_skips)
+        self.check_every_n_steps = check_every_n_steps
         self.skipped = 0
         self._losses: list[torch.Tensor] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (global step, [loss ok, gradients ok]) on the device
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._losses = []
@@ -209,35 +222,62 @@ class NaNGuard(Callback):
         self._losses.append(loss.detach())  # shares storage: checked (no sync) before the optimizer step
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        params = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        grads = [p.grad.detach() for _, p in params]
-        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        grad_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads and not scaled else None
         loss_ok = torch.stack([torch.isfinite(v).all() for v in self._losses]).all() if self._losses else None
-        ok = torch.isfinite(total) if loss_ok is None else torch.isfinite(total) & loss_ok.to(total.device)
         self._losses = []
-        if bool(ok):  # the one host sync per step
-            return
+        if grad_ok is not None or loss_ok is not None:
+            ref = grad_ok if grad_ok is not None else loss_ok
+            ok = torch.stack([(loss_ok if loss_ok is not None else torch.ones_like(ref)).to(ref.device),
+                              grad_ok if grad_ok is not None else torch.ones_like(ref)])
+            self._pending.append((trainer.global_step, ok))
         step = trainer.global_step
-        if loss_ok is not None and not bool(loss_ok):
+        every = 1 if self.on_nan == "skip" else (self.check_every_n_steps or trainer.log_every_n_steps)
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step + 1
+        if (step + 1) % every == 0 or last or trainer.should_stop:
+            self._check(trainer, pl_module)
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Read the pending results (one host sync); act on the first non-finite step."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        oks = torch.stack([ok.to(pending[-1][1].device) for _, ok in pending])
+        if bool(oks.all()):
+            return
+        i = int(torch.nonzero(~oks.all(dim=1))[0, 0])
+        bad_step, now = pending[i][0], trainer.global_step
+        if not bool(oks[i, 0]):
             what = "the loss is NaN/Inf"
-        else:
-            bad = next((n for n, p in params if not bool(torch.isfinite(p.grad).all())), "<unknown>")
+        elif bad_step == now:
+            bad = next((n for n, p in pl_module.named_parameters()
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "<unknown>")
             what = f"the gradient of parameter '{bad}' is NaN/Inf"
-        if self.on_nan == "skip" and self.skipped < self.max_skips:
+        else:
+            what = "a gradient is NaN/Inf"
+        if bad_step == now and self.on_nan == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
-            rank_zero_warn(f"[sgm_lightning] NaNGuard: {what} at global step {step}; skipping the optimizer "
+            rank_zero_warn(f"[sgm_lightning] NaNGuard: {what} at global step {now}; skipping the optimizer "
                            f"step ({self.skipped}/{self.max_skips} skips).")
-            for _, p in params:
+            for p in pl_module.parameters():
                 p.grad = None
             pl_module.log("train/nan_skips", float(self.skipped), on_step=True, sync_dist=False)
             return
         extra = f" after {self.skipped} skipped steps (max_skips={self.max_skips})" if self.on_nan == "skip" else ""
+        when = "stopping before the optimizer step" if bad_step == now else (
+            f"found at step {now}, when the device-side check was read (callbacks.nan_guard.check_every_n_steps=1 "
+            "stops before the bad step)")
         raise NonFiniteError(
-            f"{what} at global step {step}{extra}; stopping before the optimizer step, no checkpoint written "
+            f"{what} at global step {bad_step}{extra}; {when}, no checkpoint written "
             f"(the last good one is kept: resume with ckpt_path=last). Try a lower learning rate, "
             f"gradient clipping (trainer.gradient_clip_val), fp32 precision, or callbacks.nan_guard.on_nan=skip.")
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer, pl_module)
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._check(trainer, pl_module)
         for name, t in checkpoint.get("state_dict", {}).items():
             if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"refusing to write a checkpoint at global step {trainer.global_step}: "

@@ -25,6 +25,7 @@ rebuilds the module from the checkpoint alone with ``torch.load(..., weights_onl
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Callable, Sequence
 
@@ -36,9 +37,10 @@ from torch_ema import ExponentialMovingAverage
 from sgm_lightning.losses import dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
+from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
 from sgm_lightning.utils import check_choice
 
-OPTIMIZERS = ("adam", "adamw")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _SEED_STRIDE = 1_000_003  # per-rank generator seed = seed + stride * (rank + 1)
 
 
@@ -69,8 +71,15 @@ class ScoreLitModule(L.LightningModule):
         prediction, label: parametrization of ``ScoreModel`` (see ``parametrization.py``).
         data_shape: shape of one example (C, H, W) or (D,), used by ``generate``.
         data_range: range of the data, "[-1,1]" or "[0,1]" (see ``training/data/ranges.py``).
-        optimizer: "adam" or "adamw"; lr, betas, eps, weight_decay are its hyperparameters.
-        warmup_steps: linear learning-rate warm-up (Song et al. 2021, App. H: 5000 steps).
+        optimizer: ``params -> torch.optim.Optimizer`` (``configs/optim/``; default Adam, lr 2e-4).
+        lr_scheduler: ``optimizer -> LR scheduler`` stepped every optimizer step (``configs/lr_schedule/``,
+            e.g. ``training.optim.warmup_schedule``: Song et al. 2021, App. H, 5000 warm-up steps); None:
+            constant rate.
+        fused: pass ``fused`` to the optimizer (None: fused when it accepts it). Gradient clipping works
+            with it under every precision (``configure_gradient_clipping``).
+        compile: ``torch.compile`` the network's forward for training steps (with ``compile_mode``);
+            sampling and evaluation run it eagerly, and state-dict keys are unchanged.
+        channels_last: keep conv weights and training inputs in channels-last memory format.
         ema_decay: decay of the exponential moving average of the weights (Song et al. 2021,
             App. H: 0.9999 DDPM++, 0.999 NCSN++). 0 disables EMA (no shadow weights, nothing in
             checkpoints, sampling and evaluation use the raw weights) unless ``ema_halflife_img``
@@ -91,22 +100,17 @@ class ScoreLitModule(L.LightningModule):
 
     def __init__(self, net: nn.Module, sde: SDE, loss: Callable, prediction: str = "eps",
                  label: str | None = None, data_shape: Sequence[int] = (1, 8, 8),
-                 data_range: str = "[-1,1]", optimizer: str = "adam", lr: float = 2e-4,
-                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 warmup_steps: int = 5000, ema_decay: float = 0.9999, ema_warmup: bool = True,
+                 data_range: str = "[-1,1]", optimizer: Callable | None = None,
+                 lr_scheduler: Callable | None = None, fused: bool | None = None, compile: bool = False,
+                 compile_mode: str | None = None, channels_last: bool = False,
+                 ema_decay: float = 0.9999, ema_warmup: bool = True,
                  ema_halflife_img: float | None = None, ema_rampup_ratio: float | None = None,
                  use_ema_for_eval: bool = True, cond_drop_prob: float = 0.1, num_loss_buckets: int = 10,
                  seed: int = 0, config: dict | None = None):
         super().__init__()
-        check_choice("optimizer", optimizer, OPTIMIZERS)
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=2e-4)
+        check_optimizer(optimizer, lr_scheduler)
+        check_choice("compile_mode", compile_mode, COMPILE_MODES)
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
         if ema_halflife_img is not None and not ema_halflife_img > 0:
@@ -119,7 +123,10 @@ class ScoreLitModule(L.LightningModule):
             raise ValueError(f"num_loss_buckets must be a positive integer, got {num_loss_buckets!r}")
         if not callable(loss):
             raise ValueError(f"loss must be a callable loss(model, x0, ...), got {type(loss).__name__}")
-        self.save_hyperparameters(ignore=["net", "sde", "loss"])
+        # the optimizer / schedule configs travel in config["optim"] / config["lr_schedule"]
+        self.save_hyperparameters(ignore=["net", "sde", "loss", "optimizer", "lr_scheduler"])
+        self._optimizer_factory, self._scheduler_factory = optimizer, lr_scheduler
+        self._compiled_forward: Callable | None = None
         self.score_model = ScoreModel(net, sde, prediction=prediction, label=label)
         self.sde = sde
         self.loss_fn = loss
@@ -133,8 +140,9 @@ class ScoreLitModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._pending_rng: dict | None = None
         self._pending_torch_rng: dict | None = None
-        self._last_step_time: float | None = None
         self._step_end_loops: tuple[int, dict] | None = None
+        self._last_log_time: float | None = None
+        self._images_since_log = 0
 
     # ------------------------------------------------------------------ randomness
     @property
@@ -180,48 +188,113 @@ class ScoreLitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, cond = self._unpack(batch, drop=True)
-        losses, t = self.loss_fn(self.score_model, x, generator=self.generator, return_t=True, **cond)
+        losses, t = self.train_losses(x, cond)
         loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True)
-        if t is not None:  # noise-free losses have no noise level
-            self._log_buckets(losses.detach(), t.detach())
-        self._log_throughput(x.shape[0])
+        self.log("train/loss", loss)  # not prog_bar: Lightning would read it every step (callbacks/progress.py)
+        self._images_since_log += x.shape[0]
+        if self._logging_step():  # the rest needs the host: only on steps whose metrics reach the logger
+            if t is not None:  # noise-free losses have no noise level
+                self._log_buckets(losses.detach(), t.detach())
+            self._log_throughput()
         return loss
 
-    def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        # Only on steps whose metrics reach the logger: finding the non-empty buckets syncs with the GPU.
-        connector = getattr(self._trainer, "_logger_connector", None)
-        if connector is not None and not getattr(connector, "should_update_logs", True):
+    def train_losses(self, x: torch.Tensor, cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-example training losses and their times t (None for noise-free losses): the work of a
+        step, without logging. ``cond``: conditioning kwargs of the network (``_unpack``)."""
+        if self.hparams.get("channels_last") and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._compiled_net():
+            return self.loss_fn(self.score_model, x, generator=self.generator, return_t=True, **(cond or {}))
+
+    def configure_model(self) -> None:
+        """Lightning hook (once per fit, before the optimizer): channels-last weights, compiled forward."""
+        if self.hparams.get("channels_last"):
+            self.score_model.to(memory_format=torch.channels_last)
+        if self.hparams.get("compile") and self._compiled_forward is None:
+            mode = self.hparams.get("compile_mode")
+            self._compiled_forward = torch.compile(self.score_model.net.forward, mode=None if mode == "default" else mode)
+
+    @contextlib.contextmanager
+    def _compiled_net(self):
+        # The compiled forward shadows the network's own only inside a training step: sampling (which
+        # holds outputs across calls, unsafe with CUDA graphs) and evaluation stay eager, and the
+        # parameters keep their names (no `_orig_mod.` in state dicts).
+        if self._compiled_forward is None:
+            yield
             return
+        net = self.score_model.net
+        net.forward = self._compiled_forward
+        try:
+            yield
+        finally:
+            del net.forward
+
+    def _logging_step(self) -> bool:
+        """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return False
+        if not trainer.loggers:
+            return False
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+
+    def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         k = self.hparams.num_loss_buckets
         idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
         for b in torch.unique(idx).tolist():
             lo, hi = b / k * self.sde.T, (b + 1) / k * self.sde.T
             self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", losses[idx == b].mean())
 
-    def _log_throughput(self, batch_size: int) -> None:
+    def _log_throughput(self) -> None:
+        # images over the wall time between two logging steps (the host runs ahead of the GPU by at
+        # most a few steps, so over log_every_n_steps steps this is the device's rate)
         now = time.perf_counter()
-        if self._last_step_time is not None and now > self._last_step_time:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/img_per_sec", batch_size * world / (now - self._last_step_time))
-        self._last_step_time = now
+        if self._last_log_time is not None and now > self._last_log_time:
+            self.log("train/img_per_sec", self._images_since_log * self.trainer.world_size / (now - self._last_log_time))
+        self._last_log_time, self._images_since_log = now, 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        if grads:  # the norm before Lightning's clipping (gradient_clip_val in the trainer config)
-            self.log("train/grad_norm", torch.stack(grads).norm(2))
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        if self._logging_step():  # the one learning-rate metric (no LearningRateMonitor needed)
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip (``trainer.gradient_clip_val``, by norm or value) on the device, without a host sync;
+        log the norm before clipping on logging steps.
+
+        Done here rather than by Lightning's precision plugin, which refuses fused optimizers under
+        mixed precision: with bf16 the gradients are not scaled, and with fp16 the grad scaler
+        unscales them first (its step then skips non-finite steps as usual).
+        """
+        clip, log = float(gradient_clip_val or 0.0), self._logging_step()
+        if not clip and not log:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # a fused optimizer would unscale inside its step: do it now
+        grads = [p.grad for p in params]
+        norm = _total_norm(grads) if log or (clip and gradient_clip_algorithm != "value") else None
+        if clip and gradient_clip_algorithm == "value":
+            torch._foreach_clamp_min_(grads, -clip)
+            torch._foreach_clamp_max_(grads, clip)
+        elif clip:  # as torch.nn.utils.clip_grad_norm_, without its per-tensor loop off CUDA
+            torch._foreach_mul_(grads, (clip / (norm + 1e-6)).clamp(max=1.0))
+        if log:
+            self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
-        h = self.hparams
-        cls = torch.optim.Adam if h.optimizer == "adam" else torch.optim.AdamW
-        kwargs = dict(lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay)
-        if self.device.type == "cuda":
-            kwargs["fused"] = True
-        opt = cls(self.score_model.parameters(), **kwargs)
-        warm = int(h.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        kwargs = {}
+        fused = self.hparams.get("fused")
+        if fused is not False and accepts(self._optimizer_factory, "fused") \
+                and "fused" not in getattr(self._optimizer_factory, "keywords", {}):
+            kwargs["fused"] = True  # one kernel per step; legal with clipping (configure_gradient_clipping)
+        opt = self._optimizer_factory(self.score_model.parameters(), **kwargs)
+        if self._scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler_factory(opt), "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
     def _unpack(self, batch, drop: bool) -> tuple[torch.Tensor, dict]:
@@ -401,6 +474,11 @@ def _rank_state(saved, rank: int) -> torch.Tensor | None:
     return None if state is None else state.cpu().clone()  # own storage (see _gather_rng_state)
 
 
+def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global 2-norm of a list of gradients (foreach kernels, stays on the device)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def _with_samples(result, samples: torch.Tensor):
     """A copy of a sampler result with its samples replaced (dataclass or named tuple)."""
     import dataclasses
@@ -432,7 +510,14 @@ def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu"
     hp = dict(ckpt["hyper_parameters"])
     if hp.get("config") is not None:
         hp["config"] = cfg
-    module = ScoreLitModule(net=net, sde=sde, loss=loss, **hp)
+    if cfg.get("optim") is not None:
+        optim = {"optimizer": instantiate(cfg["optim"], _convert_="all"),
+                 "lr_scheduler": instantiate(cfg["lr_schedule"]) if cfg.get("lr_schedule") else None}
+    elif any(k in hp for k in LEGACY_OPTIM_KEYS):  # written before the optim / lr_schedule groups
+        optim = dict(zip(("optimizer", "lr_scheduler"), from_legacy_hparams(hp)))
+    else:
+        optim = {}
+    module = ScoreLitModule(net=net, sde=sde, loss=loss, **hp, **optim)
     module.load_state_dict(ckpt["state_dict"])
     if module.ema is not None and ckpt.get("ema") is not None:
         module.ema.load_state_dict(ckpt["ema"])

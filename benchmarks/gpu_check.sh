@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU checks of the training speed work, in priority order, within a total time budget:
+#   1. pytest -m gpu (bf16 + compile train.py run of 20 steps with checkpoint and grids, then a resume)
+#   2. benchmarks/train_step.py, DDPM++ CIFAR-10 (63.1 M), batch 128: fp32, bf16-mixed + channels_last,
+#      bf16-mixed + channels_last + compile; Lightning and plain img/s, ratio, MFU. The compiled one then
+#      profiles the same module (--profile, no second compile): wall / kernel time per step, GPU busy,
+#      kernels per step, shares by kernel family, aten ops and host syncs per step
+#   3. net=ddpm_cifar10 (38.3 M), batch 128: fp32, bf16-mixed, then bf16 + channels_last + compile
+#   4. benchmarks/profile_step.py on eager bf16 + channels_last (the picture before compile)
+#
+#   bash benchmarks/gpu_check.sh                 # on the GPU box, from the repository root
+#   SMOKE=1 bash benchmarks/gpu_check.sh         # the same steps, tiny, on CPU (checks this script)
+#
+# Environment: OUT (folder for the logs, default ./gpu_check_out), BUDGET_S (total seconds, default
+# 450), PYTHON (default python3). Each step runs under `timeout` with what is left of the budget
+# (capped per step); a step that would start with less than its minimum is skipped and says so.
+# Logs: $OUT/gpu_check.log (everything), $OUT/summary.log (the result lines only).
+set -o pipefail
+OUT=${OUT:-$PWD/gpu_check_out}
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-450}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.log"
+: >"$LOG"
+: >"$SUMMARY"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-$PWD}" WANDB_MODE=offline
+START=$SECONDS
+
+if [ "${SMOKE:-0}" = "1" ]; then
+  DEV="--device cpu"; CFG=small; BATCH=8; STEPS="--steps 2 --warmup 1 --repeats 1"
+  PSTEPS="--steps 4 --warmup 1 --log-every 2"; DDPM=small; SCALE=10
+  export OMP_NUM_THREADS=1
+else
+  DEV="--device cuda"; CFG=cifar10_ddpmpp; BATCH=128; STEPS="--steps 15 --warmup 5 --repeats 2"
+  PSTEPS="--steps 10 --warmup 3 --log-every 5"; DDPM=ddpm_cifar10; SCALE=1
+fi
+
+say() { echo "$*" | tee -a "$LOG" "$SUMMARY"; }
+
+# step NAME CAP_S MIN_S CMD...: run CMD under timeout min(CAP_S, budget left); result lines -> summary
+step() {
+  local name=$1 cap=$2 min=$3; shift 3
+  local left=$((BUDGET_S - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt "$min" ]; then
+    say "== $name: SKIPPED (${left}s of the budget left, needs >= ${min}s)"
+    return 0
+  fi
+  say "== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" \
+    | grep -E --line-buffered "^(lightning|plain|variant) |ratio|FLOPs per|config=|wall time|GPU |kernels per|^  repeat|^  [a-zA-Z(/][a-zA-Z /()<>-]* +[0-9.]+%|^  [0-9]+:[0-9]|time shares|non-logging|logging steps|host syncs|passed|failed|skipped|^[A-Za-z]*Error" \
+    >>"$SUMMARY"
+  local st=("${PIPESTATUS[@]}")
+  local rc=${st[0]}
+  if [ "$rc" = "124" ] || [ "$rc" = "137" ]; then
+    say "   -> TIMED OUT after $((SECONDS - t0))s"
+  else
+    say "   -> rc=$rc in $((SECONDS - t0))s"
+  fi
+}
+
+say "gpu_check $(date -u +%FT%TZ) smoke=${SMOKE:-0} budget=${BUDGET_S}s commit=$(git rev-parse --short HEAD 2>/dev/null)"
+$PYTHON -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$LOG" "$SUMMARY"
+
+B="$PYTHON benchmarks/train_step.py --config $CFG --batch-size $BATCH $DEV $STEPS"
+step "1 pytest -m gpu" 200 60 $PYTHON -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_training.py
+step "2a $CFG fp32" 60 25 $B
+step "2b $CFG bf16-mixed channels_last" 60 25 $B --precision bf16-mixed --channels-last
+step "2c $CFG bf16-mixed channels_last compile (+ profile)" $((270 * SCALE)) 90 \
+  $B --precision bf16-mixed --channels-last --compile --profile --log-every 5
+D="$PYTHON benchmarks/train_step.py --config $DDPM --batch-size $BATCH $DEV $STEPS"
+step "3a $DDPM fp32" 50 25 $D
+step "3b $DDPM bf16-mixed" 50 25 $D --precision bf16-mixed
+step "3c $DDPM bf16-mixed channels_last compile" $((150 * SCALE)) 80 $D --precision bf16-mixed --channels-last --compile
+step "4 profile $CFG bf16-mixed channels_last, eager" 60 40 \
+  $PYTHON benchmarks/profile_step.py --config $CFG --batch-size $BATCH $DEV $PSTEPS --precision bf16-mixed --channels-last
+say "gpu_check done in $((SECONDS - START))s; full log $LOG"

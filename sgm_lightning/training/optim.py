@@ -1,0 +1,104 @@
+"""Optimizer and learning-rate schedule of ``ScoreLitModule`` as Hydra components.
+
+``configs/optim/*.yaml`` build ``torch.optim`` partials (``_partial_: true``: the module calls them with
+its parameters) and ``configs/lr_schedule/*.yaml`` build partials of ``warmup_schedule`` (called with
+the optimizer). The published recipe (Song et al. 2021, App. H; Ho et al. 2020, App. B) is Adam with
+lr 2e-4 and a linear warm-up over 5000 steps, then a constant rate; ``decay="cosine"`` anneals to
+``min_lr_ratio * lr`` at ``total_steps`` instead.
+
+Checkpoints written before these groups existed hold ``optimizer="adam"|"adamw"``, ``lr``, ``betas``,
+``eps``, ``weight_decay`` and ``warmup_steps`` hyperparameters; ``from_legacy_hparams`` turns them
+into the same two partials.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Callable, Optional
+
+import torch
+
+from sgm_lightning.utils import check_choice
+
+DECAYS = ("constant", "cosine")
+LEGACY_OPTIM_KEYS = ("optimizer", "lr", "betas", "eps", "weight_decay", "warmup_steps")
+_LEGACY_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class WarmupSchedule:
+    """LR multiplier at step s: (s + 1) / warmup_steps during the warm-up, then 1 (``"constant"``)
+    or a half cosine from 1 to ``min_lr_ratio`` at ``total_steps`` (``"cosine"``).
+
+    A plain object (not a lambda), so that ``LambdaLR.state_dict`` stores its numbers.
+    """
+
+    def __init__(self, warmup_steps: int = 0, decay: str = "constant", total_steps: Optional[int] = None,
+                 min_lr_ratio: float = 0.0):
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_choice("decay", decay, DECAYS)
+        if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+            raise ValueError(f"decay=cosine needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r} "
+                             "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set)")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.warmup_steps, self.decay = int(warmup_steps), decay
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.min_lr_ratio = float(min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay: str = "constant",
+                    total_steps: Optional[int] = None, min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay (stepped once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
+
+
+def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None) -> None:
+    """Fail at construction, not at the first step: build both on a dummy parameter."""
+    if not callable(optimizer) or isinstance(optimizer, str):
+        raise ValueError(f"optimizer must be a callable params -> torch.optim.Optimizer (a `_partial_: true` node "
+                         f"such as configs/optim/adam.yaml), got {optimizer!r}")
+    if lr_scheduler is not None and (not callable(lr_scheduler) or isinstance(lr_scheduler, str)):
+        raise ValueError(f"lr_scheduler must be a callable optimizer -> LR scheduler (configs/lr_schedule/), "
+                         f"got {lr_scheduler!r}")
+    lr = getattr(optimizer, "keywords", {}).get("lr")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
+    if lr_scheduler is not None:
+        lr_scheduler(probe)
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` (a function, class or partial) takes the keyword argument ``name``."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def from_legacy_hparams(hp: dict) -> tuple[Callable, Callable]:
+    """(optimizer, lr_scheduler) partials from the optimizer hyperparameters of an older checkpoint.
+
+    Pops the keys of ``LEGACY_OPTIM_KEYS`` from ``hp``.
+    """
+    old = {k: hp.pop(k) for k in LEGACY_OPTIM_KEYS if k in hp}
+    name = old.get("optimizer", "adam")
+    if name not in _LEGACY_OPTIMIZERS:
+        raise ValueError(f"checkpoint hyperparameter optimizer={name!r} is not one of {sorted(_LEGACY_OPTIMIZERS)}; "
+                         "this checkpoint was not written by sgm_lightning's train.py")
+    kwargs = {k: old[k] for k in ("lr", "eps", "weight_decay") if k in old}
+    if "betas" in old:
+        kwargs["betas"] = tuple(old["betas"])
+    optimizer = functools.partial(_LEGACY_OPTIMIZERS[name], **kwargs)
+    return optimizer, functools.partial(warmup_schedule, warmup_steps=int(old.get("warmup_steps", 0)))
