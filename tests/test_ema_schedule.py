@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 from sgm_lightning.training.callbacks import EMACallback
-from sgm_lightning.training.lit_module import ScoreLitModule, ema_halflife_beta
+from sgm_lightning.training.lit_module import ScoreLitModule
+from sgm_lightning.training.state import ema_halflife_beta
 from sgm_lightning.losses import DSMLoss
 from sgm_lightning.nets.mlp import MLPScoreNet
 from sgm_lightning.sde import VPSDE
@@ -98,3 +100,21 @@ def test_ema_decay_zero_through_train_py(tmp_path):
     assert os.path.exists(tmp_path / "samples" / "ddpm_step2.png")  # grids (use_ema=true) drew from the raw weights
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
     assert load_from_sgm_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt")).ema is None
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_foreach_ema_update_equals_torch_ema(warmup):
+    """ema_update (one foreach lerp) gives torch-ema's own update, warm-up decay and counter included."""
+    from torch_ema import ExponentialMovingAverage
+    module = tiny(ema_decay=0.9, ema_warmup=warmup)
+    ref = ExponentialMovingAverage(module.score_model.parameters(), decay=0.9, use_num_updates=warmup)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in module.score_model.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        module.ema_update()
+        ref.update(module.score_model.parameters())
+        assert module.ema.num_updates == ref.num_updates
+        for a, b in zip(module.ema.shadow_params, ref.shadow_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -195,8 +195,8 @@ TINY_GPU = ["data=digits", "data.image_size=32", "net=ddpmpp_cifar10", "net.base
             "trainer=gpu", "trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true",
             "logger=csv", "data.batch_size=32", "trainer.log_every_n_steps=5",
             "callbacks.checkpoint.every_n_train_steps=10", "callbacks.samples.every_n_steps=20",
-            "callbacks.samples.num_samples=16", "callbacks.samples.samplers.pc.steps=5",
-            "callbacks.samples.samplers.ddpm.steps=5", "callbacks.samples.samplers.ode.options={rtol:0.01,atol:0.01}"]
+            "callbacks.samples.num_samples=16", "callbacks.samples.samplers.unipc.steps=5",
+            "callbacks.samples.samplers.dpm_sde.steps=5", "callbacks.samples.samplers.ode.options={rtol:0.01,atol:0.01}"]
 
 
 @pytest.mark.gpu
@@ -214,7 +214,7 @@ def test_gpu_bf16_compile_cli_run_and_resume(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20 and not any("_orig_mod" in k for k in ckpt["state_dict"])
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
-    for name in ("pc", "ddpm", "ode"):
+    for name in ("unipc", "dpm_sde", "ode"):
         assert os.path.getsize(tmp_path / "samples" / f"{name}_step20.png") > 0
     second = run("trainer.max_steps=30", "ckpt_path=last")
     assert second.returncode == 0, second.stderr[-4000:]
@@ -235,14 +235,14 @@ def test_cpu_cli_bf16_compile_run_resume_and_sample(tmp_path):
             "logger=csv", "trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true",
             "trainer.log_every_n_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
             "callbacks.samples.every_n_steps=4", "callbacks.samples.num_samples=4",
-            "callbacks.samples.samplers={ddpm:{method:ddpm,steps:3,options:{}}}"]
+            "~callbacks.samples.samplers", "+callbacks.samples.samplers={ddpm:{method:ddpm,steps:3,options:{}}}"]
     first = _train_cli(tmp_path, *tiny, "trainer.max_steps=2")
     assert first.returncode == 0, first.stderr[-4000:]
     second = _train_cli(tmp_path, *tiny, "trainer.max_steps=4", "ckpt_path=last")
     assert second.returncode == 0, second.stderr[-4000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and not any("_orig_mod" in k for k in ckpt["state_dict"])
-    assert os.path.getsize(tmp_path / "samples" / "ddpm_step4.png") > 0
+    assert os.path.getsize(tmp_path / "samples" / "dpm_sde_step4.png") > 0
     res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"ckpt_path={tmp_path}/checkpoints/last.ckpt",
                           "method=ddpm", "steps=2", "num_samples=2", f"out_dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/s"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

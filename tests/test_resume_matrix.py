@@ -26,7 +26,7 @@ TINY = [
     "net.dropout=0.1", "model.ema_decay=0.9", "lr_schedule.warmup_steps=3", "trainer.deterministic=true",
     "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=3",
-    "callbacks.samples.num_samples=4", "callbacks.samples.samplers={ddpm:{method:ddpm,steps:2,options:{}}}",
+    "callbacks.samples.num_samples=4", "~callbacks.samples.samplers", "+callbacks.samples.samplers={ddpm:{method:ddpm,steps:2,options:{}}}",
 ]
 FID = ["callbacks=fid", "metrics=randproj", "metrics.extractor.dim=8", "metrics.reference_num_samples=64",
        "callbacks.fid.every_n_steps=2", "callbacks.fid.num_samples=8", "callbacks.fid.batch_size=8",

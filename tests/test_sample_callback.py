@@ -50,3 +50,9 @@ def test_ode_step_size_underflow_is_a_clear_runtime_error():
     with pytest.raises(RuntimeError, match=r"dopri5.*step size.*solver='rk4'"):
         sample(mix.score_fn(sde), sde, (4, 2), "ode", eps=1e-7, rtol=1e-9, atol=1e-9, solver="dopri5",
                generator=torch.Generator().manual_seed(0))
+
+
+def test_a_null_sampler_entry_switches_it_off(tmp_path):
+    cb = SampleGridCallback(every_n_steps=5, samplers={"ode": None, "pc": {"method": "pc", "steps": 3}},
+                            out_dir=str(tmp_path))
+    assert list(cb.samplers) == ["pc"]

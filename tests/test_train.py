@@ -22,7 +22,7 @@ TINY = [
     *TINY_TRAIN, "trainer.log_every_n_steps=1",
     "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=4",
     "callbacks.samples.num_samples=4",
-    "callbacks.samples.samplers.pc.steps=3", "callbacks.samples.samplers.ddpm.steps=3",
+    "callbacks.samples.samplers.unipc.steps=3", "callbacks.samples.samplers.dpm_sde.steps=3",
     "callbacks.samples.samplers.ode.options={rtol:0.1,atol:0.1}",
 ]
 
@@ -86,13 +86,13 @@ def test_checkpoint_holds_ema_rng_and_config(trained):
 
 def test_png_grids_and_wandb_offline_run(trained):
     run_dir = trained["run_dir"]
-    for name in ("pc", "ddpm", "ode"):
+    for name in ("unipc", "dpm_sde", "ode"):
         assert os.path.getsize(os.path.join(run_dir, "samples", f"{name}_step4.png")) > 0
         assert os.path.exists(os.path.join(run_dir, "samples", f"{name}_step6.png"))
     records = wandb_records(run_dir)
     text = json.dumps(records)
     assert "train/loss" in text and "train/grad_norm" in text
-    for name in ("pc", "ddpm", "ode"):
+    for name in ("unipc", "dpm_sde", "ode"):
         assert f"samples/{name}" in text and f"samples/{name}_nfe" in text
 
 

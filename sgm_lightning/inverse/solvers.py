@@ -21,7 +21,8 @@ import torch
 
 from sgm_lightning.inverse.operators import LinearOperator
 from sgm_lightning.samplers.ancestral import posterior_coeffs
-from sgm_lightning.samplers.common import CountingScore, SampleResult, batch_time, per_example_norm, time_grid, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, SampleResult, batch_time, per_example_norm, tweedie_x0
+from sgm_lightning.samplers.grids import time_grid
 from sgm_lightning.samplers.pc import langevin_correct, predict
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_int, check_positive, randn_like

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 
-from sgm_lightning.samplers.grids import time_grid  # noqa: F401  (re-exported for the inverse solvers)
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast
 

@@ -42,7 +42,8 @@ class SampleGridCallback(L.Callback):
 
     Args:
         every_n_steps: draw grids every this many optimizer steps (0: only at the end).
-        samplers: name -> {"method": ..., "steps": ..., "options": {...}} (default unipc, dpm_sde, ode).
+        samplers: name -> {"method": ..., "steps": ..., "options": {...}} (default unipc, dpm_sde, ode);
+            a ``None`` entry is dropped (``callbacks.samples.samplers.ode=null`` switches one off).
         num_samples: samples per grid.
         seed: seed of the sampling generator (the same for every grid).
         use_ema: sample with the EMA weights.
@@ -55,7 +56,8 @@ class SampleGridCallback(L.Callback):
         super().__init__()
         every_n_steps = check_int("every_n_steps (0: only at the end)", every_n_steps, min=0)
         num_samples = check_int("num_samples", num_samples)
-        samplers = dict(DEFAULT_SAMPLERS if samplers is None else samplers)
+        # a null entry switches a configured sampler off (callbacks.samples.samplers.<name>=null)
+        samplers = {k: v for k, v in dict(DEFAULT_SAMPLERS if samplers is None else samplers).items() if v is not None}
         for name, spec in samplers.items():
             if not isinstance(spec, Mapping) or "method" not in spec:
                 raise ValueError(f"samplers[{name!r}] must be a mapping with a 'method' key, got {spec!r}")
