@@ -88,7 +88,7 @@ def lightning_trainer(args, callbacks=(), log_every_n_steps: int = 25, root_dir:
                      devices=1, precision=args.precision, gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
                      logger=CSVLogger(root_dir), default_root_dir=root_dir, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     callbacks=[EMACallback(decay=0.9999), NaNGuard(), *callbacks])
+                     callbacks=[EMACallback(), NaNGuard(), *callbacks])
 
 
 def run_lightning(template, shape, args) -> float:

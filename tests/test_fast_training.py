@@ -52,7 +52,7 @@ def _trainer(tmp_path, max_steps=4, precision="32-true", log_every=1, callbacks=
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision=precision, gradient_clip_val=1.0,
                      log_every_n_steps=log_every, logger=CSVLogger(str(tmp_path)), default_root_dir=str(tmp_path),
                      enable_checkpointing=False, enable_model_summary=False,
-                     callbacks=[EMACallback(decay=0.9), NaNGuard(check_every_n_steps=nan_every), *callbacks], **kw)
+                     callbacks=[EMACallback(), NaNGuard(check_every_n_steps=nan_every), *callbacks], **kw)
 
 
 # ----------------------------------------------------------------------------- mixed precision

@@ -33,7 +33,7 @@ def tiny_module(seed: int = 0) -> ScoreLitModule:
 
 
 def trainer(**kw) -> L.Trainer:
-    kw.setdefault("callbacks", [EMACallback(decay=0.99)])
+    kw.setdefault("callbacks", [EMACallback()])
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
@@ -55,7 +55,7 @@ def test_val_loss_is_deterministic_drops_with_training_and_keeps_the_rng_streams
     assert trained < 0.7 * first["val/loss"]
     # EMA weights by default: the logged number is that of the averaged weights, not the raw ones
     assert trainer().validate(module, datamodule=dm, verbose=False)[0]["val/loss"] == pytest.approx(trained)
-    raw = trainer(callbacks=[EMACallback(decay=0.99, validate_with_ema=False)]).validate(
+    raw = trainer(callbacks=[EMACallback(validate_with_ema=False)]).validate(
         module, datamodule=dm, verbose=False)[0]["val/loss"]
     assert raw != pytest.approx(trained, rel=1e-6)
 
