@@ -242,7 +242,7 @@ def test_cpu_cli_bf16_compile_run_resume_and_sample(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and not any("_orig_mod" in k for k in ckpt["state_dict"])
-    assert os.path.getsize(tmp_path / "samples" / "dpm_sde_step4.png") > 0
+    assert os.path.getsize(tmp_path / "samples" / "ddpm_step4.png") > 0
     res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"ckpt_path={tmp_path}/checkpoints/last.ckpt",
                           "method=ddpm", "steps=2", "num_samples=2", f"out_dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/s"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
