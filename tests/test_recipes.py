@@ -147,7 +147,8 @@ def test_recipe_configs_compose_and_build(overrides):
     if overrides == ["experiment=edm_cifar10"]:
         assert isinstance(loss, EDMLoss) and (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.2, 1.2, 0.5)
         assert (cfg.data.batch_size, cfg.optim.lr, cfg.model.prediction) == (512, 1e-3, "edm")
-        assert (cfg.callbacks.ema.half_life_img, cfg.callbacks.ema.ramp_up) == (500000, 0.05)
+        assert (cfg.model.ema_halflife_img, cfg.model.ema_rampup_ratio) == (500000, 0.05)
+        assert cfg.lr_schedule.warmup_steps == 19531 and cfg.trainer.gradient_clip_val is None
         assert cfg.callbacks.samples.samplers.heun.steps == 18 and (sde.sigma_min, sde.sigma_max) == (0.002, 80.0)
     if overrides == ["experiment=sr3_digits"]:
         dm = instantiate(cfg.data)
