@@ -38,8 +38,9 @@ CONFIGS = {  # name -> (net config file, data shape, default batch size)
     "cifar10_ddpmpp": ("ddpmpp_cifar10", (3, 32, 32), 8),
     "ddpm_cifar10": ("ddpm_cifar10", (3, 32, 32), 8),
 }
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
-               "A100": {"bf16": 312.0, "fp32": 19.5}}  # dense, per GPU (vendor data sheets)
+# dense, per GPU (vendor data sheets); fp32 runs use TF32 tensor cores (cuDNN convolutions by default)
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.7}, "H200": {"bf16": 989.0, "tf32": 494.7},
+               "A100": {"bf16": 312.0, "tf32": 156.0}}
 
 
 def build_module(config: str, seed: int, compile: bool = False, compile_mode: str | None = None,
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         flops = step_flops(template, shape, args)
         name = torch.cuda.get_device_name()
-        kind = "bf16" if args.precision != "32-true" else "fp32"
+        kind = "bf16" if args.precision != "32-true" else "tf32"
         peak = args.peak_tflops or next((v[kind] for k, v in PEAK_TFLOPS.items() if k in name), None)
         extra = f" {'TFLOP/s':>9s} {'MFU':>7s}"
     print(header + extra)
