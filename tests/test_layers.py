@@ -12,7 +12,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sgm_lightning"
 
 MATH_AND_NETS = [
     "sgm_lightning.sde", "sgm_lightning.sampling", "sgm_lightning.samplers", "sgm_lightning.likelihood",
-    "sgm_lightning.losses", "sgm_lightning.parametrization", "sgm_lightning.analytic", "sgm_lightning.guidance",
+    "sgm_lightning.losses", "sgm_lightning.score_matching", "sgm_lightning.parametrization", "sgm_lightning.analytic", "sgm_lightning.guidance",
     "sgm_lightning.inverse", "sgm_lightning.utils", "sgm_lightning.nets",
 ]
 BLOCKED = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "torch_ema", "datasets"]
