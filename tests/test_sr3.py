@@ -1,5 +1,5 @@
 """SR3 conditional super-resolution: the U-Net's image-condition path, the (high-res, low-res) data
-wrapper, the conditional sampler and ``sample.py task=superres task_method=sr3``."""
+wrapper, the conditional sampler and ``sample.py mode=task task=superres task_method=sr3``."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def sr3_ckpt(tmp_path_factory):
 
 
 def test_sample_cli_superres_with_sr3(sr3_ckpt, tmp_path):
-    res = run_sample(f"ckpt_path={sr3_ckpt}", "task=superres", "task_method=sr3", "steps=3", "num_samples=4",
+    res = run_sample(f"ckpt_path={sr3_ckpt}", "mode=task", "task=superres", "task_method=sr3", "steps=3", "num_samples=4",
                      f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.load(open(os.path.join(tmp_path, "superres_sr3_metrics.json")))
