@@ -168,6 +168,10 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
     batch = _get(cfg, "data.batch_size")
     if batch is not None:
         check_batch_vs_world(batch, _world_size(cfg))
+    if _world_size(cfg) > 1 and _get(cfg, "trainer.use_distributed_sampler", True) is not False:
+        raise ConfigError("trainer.use_distributed_sampler must be false: the data modules shard every global "
+                          "batch over the ranks themselves (exact resume); set trainer.use_distributed_sampler=false "
+                          "(configs/trainer/default.yaml does)")
     if data_shape is not None:
         check_data_vs_net(data_shape, _get(cfg, "net.in_channels"), _get(cfg, "net.image_size"),
                           _get(cfg, "net.channel_mults"))

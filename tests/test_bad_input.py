@@ -203,3 +203,13 @@ def test_cli_prints_one_paragraph_and_exit_code_2(tmp_path):
                         f"hydra.run.dir={tmp_path}"], cwd=REPO, env=dict(_env(), SGM_DEBUG="1"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+def test_multi_process_run_needs_use_distributed_sampler_false():
+    from sgm_lightning.cli import ConfigError, validate_train_config
+    cfg = {"trainer": {"devices": 2, "num_nodes": 1, "use_distributed_sampler": True}, "data": {"batch_size": 8}}
+    with pytest.raises(ConfigError, match="use_distributed_sampler must be false"):
+        validate_train_config(cfg)
+    cfg["trainer"]["use_distributed_sampler"] = False
+    validate_train_config(cfg)
+    validate_train_config({"trainer": {"devices": 1, "use_distributed_sampler": True}, "data": {"batch_size": 8}})

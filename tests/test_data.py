@@ -76,10 +76,8 @@ def test_global_batch_split_over_two_ranks():
     loaders = []
     for rank in range(2):
         dm = DigitsDataModule(batch_size=64, val_fraction=0.0, seed=1)
-        connector = SimpleNamespace(use_distributed_sampler=True)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0, _accelerator_connector=connector)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
         loaders.append(dm.train_dataloader())
-        assert connector.use_distributed_sampler is False  # the DataModule shards itself
     batches = [[y for _, y in dl] for dl in loaders]
     assert len(batches[0]) == len(batches[1]) == 1797 // 64
     assert all(len(b) == 32 for b in batches[0] + batches[1])  # per-rank batch = global / world size

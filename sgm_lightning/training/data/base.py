@@ -7,8 +7,9 @@ Every DataModule of the package derives from :class:`BaseDataModule`. Batches ar
 Batch size semantics: ``batch_size`` is the GLOBAL batch size; each of the ``world_size`` ranks loads
 ``batch_size // world_size`` examples per step (ValueError when it does not divide). Training batches
 come from :class:`~sgm_lightning.training.data.sampler.ResumableBatchSampler`, which shards each global
-batch over the ranks itself, so Lightning's distributed-sampler injection is switched off for the
-loaders built here (``Trainer(use_distributed_sampler=False)`` does the same explicitly).
+batch over the ranks itself, so the Trainer must not inject a distributed sampler:
+``Trainer(use_distributed_sampler=False)`` (``configs/trainer``; ``train.py`` refuses a multi-process
+run without it, and Lightning itself stops with a message saying so).
 
 Mid-epoch resume: Lightning 2.6 restores its batch counter but, for a plain ``DataLoader``, restarts
 the epoch's iterator from its first batch (it only warns that the loader is not resumable). The
@@ -140,16 +141,8 @@ class BaseDataModule(L.LightningDataModule):
             )
         return b // ws
 
-    def _disable_distributed_sampler_injection(self) -> None:
-        # Our batch samplers shard by rank; Lightning must not wrap them in a DistributedSampler.
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        if connector is not None and getattr(connector, "use_distributed_sampler", False) and self._layout()[1] > 1:
-            log.info("%s shards batches itself: disabling Lightning's distributed sampler", type(self).__name__)
-            connector.use_distributed_sampler = False
-
     def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
                 generator: torch.Generator | None = None) -> DataLoader:
-        self._disable_distributed_sampler_injection()
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
