@@ -24,7 +24,9 @@ import json
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from sgm_lightning.cli import plain
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -42,10 +44,6 @@ def sample_main(cfg: DictConfig) -> dict:
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
-
-
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if node else {}
 
 
 def _grid(cfg, module, out_dir: str) -> dict:
@@ -74,7 +72,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
         step_bar.set_postfix(t=f"{t:.4f}", refresh=False)
         step_bar.update(1)
 
-    options = {"callback": on_step, **_plain(cfg.options)}
+    options = {"callback": on_step, **plain(cfg.options)}
     res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
                           use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress, **options)
     step_bar.close()
@@ -83,7 +81,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
     stem = os.path.join(out_dir, f"{cfg.method}")
     nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
     save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
-    settings = dict(_plain(cfg), nfe=int(res.nfe), data_range=data_range)
+    settings = dict(plain(cfg), nfe=int(res.nfe), data_range=data_range)
     arrays = {"samples": x.numpy(), "settings": np.array(json.dumps(settings))}
     if x.ndim == 4:
         arrays["images"] = to_images(x, data_range)
@@ -98,7 +96,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
 def _stored_datamodule(module, cfg):
     """The training data module, rebuilt from the checkpoint's stored data config (+ ``data_overrides``)."""
     from hydra.utils import instantiate
-    return instantiate({**module.hparams.config["data"], **_plain(cfg.data_overrides)})
+    return instantiate({**module.hparams.config["data"], **plain(cfg.data_overrides)})
 
 
 def _checkpoint_step(path: str) -> int | None:
@@ -119,7 +117,7 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
                       extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
                       out_dir=out_dir, reference_split=m.reference_split,
                       reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,
-                      sampler_options=_plain(cfg.options), checkpoint_step=_checkpoint_step(cfg.ckpt_path))
+                      sampler_options=plain(cfg.options), checkpoint_step=_checkpoint_step(cfg.ckpt_path))
     print(f"[sample] evaluation: {result}")
     return {"eval": result}
 
@@ -127,8 +125,8 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
 def _task(cfg, module, out_dir: str) -> dict:
     """``mode=task``: restore ``num_samples`` images from their measurement (docs/inverse.md)."""
     from sgm_lightning.evaluation.inverse_tasks import restore_dataset_images
-    settings = {"checkpoint_step": _checkpoint_step(cfg.ckpt_path), "settings": _plain(cfg)}
-    task_options = _plain(cfg.task_options)
+    settings = {"checkpoint_step": _checkpoint_step(cfg.ckpt_path), "settings": plain(cfg)}
+    task_options = plain(cfg.task_options)
     if str(cfg.task_method) == "sr3":
         task_options = {**_sr3_options(module), **task_options}
     return restore_dataset_images(module, _stored_datamodule(module, cfg), task=str(cfg.task),
@@ -149,7 +147,7 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
     if len(images) < 2 * pairs:
         raise ValueError(f"interpolate.pairs={pairs} needs {2 * pairs} images, the {split} split has {len(images)}")
     images = images.to(module.device)
-    options = _plain(cfg.options)
+    options = plain(cfg.options)
     if cfg.steps is not None:
         options["steps"] = int(cfg.steps)
     with module.ema_scope(bool(cfg.use_ema)):
@@ -159,7 +157,7 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
     stem = os.path.join(out_dir, "interpolate")
     save_image(samples_to_image(x, data_range=data_range, nrow=n), stem + "_grid.png")
     np.savez_compressed(stem + "_samples.npz", samples=x.numpy(),
-                        settings=np.array(json.dumps(dict(_plain(cfg), nfe=int(res.nfe), split=split))))
+                        settings=np.array(json.dumps(dict(plain(cfg), nfe=int(res.nfe), split=split))))
     print(f"[sample] interpolation: {pairs} pairs of {split} images, {n} points each, NFE={res.nfe}")
     print(f"[sample] grid: {stem}_grid.png")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz", "nfe": int(res.nfe)}

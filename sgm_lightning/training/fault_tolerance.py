@@ -41,7 +41,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int, check_positive
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 
@@ -298,9 +298,8 @@ class InjectNaN(Callback):
     """
 
     def __init__(self, at_step: int, times: int = 1):
-        if isinstance(at_step, bool) or int(at_step) != at_step or at_step < 0:
-            raise ValueError(f"at_step must be a non-negative integer, got {at_step!r}")
-        check_positive("times", times, integer=True)
+        check_int("at_step", at_step, min=0)
+        check_int("times", times)
         self.at_step, self.times = int(at_step), int(times)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
-from sgm_lightning.utils import check_choice
+from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -93,8 +93,7 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             raise ValueError(f"ema_rampup_ratio must be > 0 (or null), got {ema_rampup_ratio!r}")
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}")
-        if int(num_loss_buckets) != num_loss_buckets or num_loss_buckets < 1:
-            raise ValueError(f"num_loss_buckets must be a positive integer, got {num_loss_buckets!r}")
+        check_int("num_loss_buckets", num_loss_buckets)
         if not callable(loss):
             raise ValueError(f"loss must be a callable loss(model, x0, ...), got {type(loss).__name__}")
         # the optimizer / schedule configs travel in config["optim"] / config["lr_schedule"]
@@ -308,8 +307,7 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         of one batch's trajectory).
         """
         from sgm_lightning.sampling import sample
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        num_samples = check_int("num_samples", num_samples)
         batch_size = int(batch_size or num_samples)
         if y is not None:
             y = torch.as_tensor(y, device=self.device, dtype=torch.long).expand(num_samples) \

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sgm_lightning.utils import check_choice
+from sgm_lightning.utils import check_choice, check_int
 
 DECAYS = ("constant", "cosine")
 LEGACY_OPTIM_KEYS = ("optimizer", "lr", "betas", "eps", "weight_decay", "warmup_steps")
@@ -36,8 +36,7 @@ class WarmupSchedule:
 
     def __init__(self, warmup_steps: int = 0, decay: str = "constant", total_steps: Optional[int] = None,
                  min_lr_ratio: float = 0.0):
-        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_int("warmup_steps", warmup_steps, min=0)
         check_choice("decay", decay, DECAYS)
         if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
             raise ValueError(f"decay=cosine needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r} "

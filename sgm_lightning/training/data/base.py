@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sgm_lightning.training.data.ranges import check_data_range
 from sgm_lightning.training.data.sampler import ResumableBatchSampler
+from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,9 @@ class BaseDataModule(L.LightningDataModule):
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if value is not None and (isinstance(value, bool) or int(value) != value or value <= 0):
-                raise ValueError(f"{name} must be a positive integer (the global batch size), got {value!r}")
-        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+            if value is not None:
+                check_int(f"{name} (the global batch size)", value)
+        check_int("num_workers", num_workers, min=0)
         if not 0.0 <= float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.batch_size = int(batch_size)
