@@ -33,10 +33,13 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's sgm_lightning, not an installed copy
-CONFIGS = {  # name -> (net config file, data shape, default batch size)
-    "small": ("unet_small", (1, 16, 16), 64),
-    "cifar10_ddpmpp": ("ddpmpp_cifar10", (3, 32, 32), 8),
-    "ddpm_cifar10": ("ddpm_cifar10", (3, 32, 32), 8),
+CONFIGS = {  # name -> (net config file, data shape, default batch size, net overrides)
+    "small": ("unet_small", (1, 16, 16), 64, {}),
+    "cifar10_ddpmpp": ("ddpmpp_cifar10", (3, 32, 32), 8, {}),
+    "ddpm_cifar10": ("ddpm_cifar10", (3, 32, 32), 8, {}),
+    # DDPM++'s modules and parameter tensors (the same hooks, loops and kernel launches per step) at a
+    # width and size where the arithmetic is negligible: a CPU proxy for the host time of a step
+    "ddpmpp_host": ("ddpmpp_cifar10", (3, 16, 16), 1, {"base_channels": 16, "dropout": 0.0}),
 }
 # dense, per GPU (vendor data sheets); fp32 runs use TF32 tensor cores (cuDNN convolutions by default)
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.7}, "H200": {"bf16": 989.0, "tf32": 494.7},
@@ -53,9 +56,11 @@ def build_module(config: str, seed: int, compile: bool = False, compile_mode: st
     from sgm_lightning.training.lit_module import ScoreLitModule
     from sgm_lightning.training.optim import warmup_schedule
 
-    net_name, shape, _ = CONFIGS[config]
+    net_name, shape, _, overrides = CONFIGS[config]
     net_cfg = OmegaConf.load(os.path.join(REPO, "configs", "net", f"{net_name}.yaml"))
     net_cfg.in_channels, net_cfg.image_size = shape[0], shape[1]
+    for key, value in overrides.items():
+        net_cfg[key] = value
     torch.manual_seed(seed)
     net = instantiate(net_cfg)
     sde = VPSDE()
