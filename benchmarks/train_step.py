@@ -70,10 +70,13 @@ def build_module(config: str, seed: int, compile: bool = False, compile_mode: st
                           seed=seed, compile=compile, compile_mode=compile_mode, channels_last=channels_last), shape
 
 
-def make_loader(shape, batch_size: int, num_batches: int, seed: int):
+def make_loader(shape, batch_size: int, num_batches: int, seed: int, device: str = "cpu"):
+    """Synthetic images in [-1, 1]; pinned host memory for a GPU, as train.py's data modules do (a
+    pageable host-to-device copy waits for the GPU's queue, a host sync every step)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((batch_size * num_batches, *shape), generator=g) * 2 - 1
-    return torch.utils.data.DataLoader(list(x), batch_size=batch_size, shuffle=False, drop_last=True)
+    return torch.utils.data.DataLoader(list(x), batch_size=batch_size, shuffle=False, drop_last=True,
+                                       pin_memory=device.startswith("cuda"))
 
 
 def _sync(device: str) -> None:
@@ -97,29 +100,57 @@ def lightning_trainer(args, callbacks=(), log_every_n_steps: int = 25, root_dir:
                      callbacks=[EMACallback(), NaNGuard(), *callbacks])
 
 
-def run_lightning(template, shape, args) -> float:
+class CallCounter:
+    """Python-level function calls (Python functions and C functions called from Python) between
+    ``start()`` and ``stop()``: a deterministic measure of the host work of the timed steps, the
+    same on any machine, where wall time on a busy 2-core CPU varies by +-30 %."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def _hook(self, frame, event, arg) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+
+    def start(self) -> None:
+        sys.setprofile(self._hook)
+
+    def stop(self) -> None:
+        sys.setprofile(None)
+
+
+def run_lightning(template, shape, args, counter: CallCounter | None = None, cpu_ms: list | None = None) -> float:
     import lightning as L
 
     module = template  # one module for all runs: a compiled forward is compiled once
     times: list[float] = []
+    thread_times: list[float] = []
 
     class Timer(L.Callback):  # one sync after the warm-up steps, one after the last step (as run_plain)
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == args.warmup:
                 _sync(args.device)
                 times.append(time.perf_counter())
+                thread_times.append(time.thread_time())
+                if counter is not None:
+                    counter.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == args.warmup + args.steps - 1:
+                if counter is not None:
+                    counter.stop()
+                thread_times.append(time.thread_time())
                 _sync(args.device)
                 times.append(time.perf_counter())
 
     trainer = lightning_trainer(args, callbacks=[Timer()])
-    trainer.fit(module, make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed))
+    trainer.fit(module, make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed, args.device))
+    if cpu_ms is not None:
+        cpu_ms.append((thread_times[1] - thread_times[0]) * 1e3 / args.steps)
     return args.steps * args.batch_size / (times[1] - times[0])
 
 
-def run_plain(template, shape, args) -> float:
+def run_plain(template, shape, args, counter: CallCounter | None = None, cpu_ms: list | None = None) -> float:
     module = template.to(args.device)
     module.configure_model()  # channels-last weights, compiled forward (Lightning calls it in fit)
     module.ema.to(module.device)
@@ -131,10 +162,12 @@ def run_plain(template, shape, args) -> float:
     scaler = torch.amp.GradScaler(args.device.split(":")[0]) if args.precision == "16-mixed" else None
     module.train()
     t0 = None
-    for i, x in enumerate(make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed)):
+    for i, x in enumerate(make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed, args.device)):
         if i == args.warmup:
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            if counter is not None:
+                counter.start()
         x = x.to(args.device, non_blocking=True)
         with amp:
             loss = module.train_losses(x)[0].mean()
@@ -151,6 +184,10 @@ def run_plain(template, shape, args) -> float:
             scaler.update()
         sched.step()
         module.ema_update()
+    if counter is not None:
+        counter.stop()
+    if cpu_ms is not None:
+        cpu_ms.append((time.thread_time() - c0) * 1e3 / args.steps)
     _sync(args.device)
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
@@ -189,6 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="then run profile_step.py's report on the same (already compiled) module")
     p.add_argument("--log-every", type=int, default=5, help="trainer.log_every_n_steps of the --profile run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU: 1 keeps all arithmetic on the main thread)")
+    p.add_argument("--count-calls", action="store_true",
+                   help="then run each variant once more, counting Python function calls per timed step")
     p.add_argument("--skip-profiler", action="store_true", help="--profile: only count ops and host syncs")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table lookup)")
     args = p.parse_args(argv)
@@ -201,17 +242,20 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("Error: --device cuda requested but no CUDA GPU is available; use --device cpu")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     template, shape = build_module(args.config, args.seed, compile=args.compile, compile_mode=args.compile_mode,
                                    channels_last=args.channels_last)
     nparams = sum(p.numel() for p in template.score_model.parameters())
     results = {"plain": [], "lightning": []}
+    cpu_ms = {"plain": [], "lightning": []}  # main-thread CPU time per step (the host's share of a step)
     memory = {}
     for r in range(args.repeats):
         for name, fn in (("plain", run_plain), ("lightning", run_lightning)):
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            results[name].append(fn(template, shape, args))
+            results[name].append(fn(template, shape, args, cpu_ms=cpu_ms[name]))
             memory[name] = max(memory.get(name, 0.0), _peak_memory_mb(args.device))
             print(f"  repeat {r}: {name:9s} {results[name][-1]:9.2f} img/s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -237,8 +281,20 @@ def main(argv=None) -> int:
             line += f" {achieved:9.1f} {(achieved / peak if peak else float('nan')):7.1%}"
         print(line)
     print(f"lightning/plain ratio: {med['lightning'] / med['plain']:.3f} (goal >= 0.97)")
+    cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    print(f"main-thread CPU ms per step (median): lightning {cpu['lightning']:.2f}, plain {cpu['plain']:.2f}, "
+          f"Lightning's extra host time {cpu['lightning'] - cpu['plain']:.2f} ms per step"
+          + (" (with --threads 1 on CPU all arithmetic runs on this thread too)" if not args.device.startswith("cuda") else ""))
     if flops is not None:
         print(f"FLOPs per training step (fwd+bwd, batch {args.batch_size}): {flops / 1e12:.3f} TFLOP")
+    if args.count_calls:
+        calls = {}
+        for name, fn in (("plain", run_plain), ("lightning", run_lightning)):
+            counter = CallCounter()
+            fn(template, shape, args, counter=counter)
+            calls[name] = counter.calls / args.steps
+        print(f"Python function calls per step: lightning {calls['lightning']:.0f}, plain {calls['plain']:.0f} "
+              f"(Lightning's extra host work: {calls['lightning'] - calls['plain']:.0f} calls per step)")
     if args.profile:
         import profile_step
         print(flush=True)

@@ -189,6 +189,46 @@ def test_non_logging_steps_make_no_host_sync(tmp_path):
     assert "train/grad_norm" in trainer.callback_metrics and "train/img_per_sec" in trainer.callback_metrics
 
 
+def test_hot_path_walks_no_module_tree_and_norms_the_gradients_once(tmp_path, monkeypatch):
+    """Host work of a non-logging step (after the first): the EMA update, the NaN guard and the
+    clipping neither walk the module tree (``Module.named_modules``, behind ``parameters()``: ~500
+    generator steps per walk on the CIFAR U-Net) nor compute the gradients' norm twice (the NaN
+    guard's finiteness test and the clipping share one foreach norm)."""
+    import collections
+    counts, window = collections.Counter(), {"on": False, "step": -1}
+    named_modules, foreach_norm = torch.nn.Module.named_modules, torch._foreach_norm
+
+    def counting_named_modules(self, *args, **kwargs):
+        if window["on"]:
+            counts["walk", window["step"]] += 1
+        return named_modules(self, *args, **kwargs)
+
+    def counting_foreach_norm(*args, **kwargs):
+        if window["on"]:
+            counts["norm", window["step"]] += 1
+        return foreach_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting_named_modules)
+    monkeypatch.setattr(torch, "_foreach_norm", counting_foreach_norm)
+
+    class Window(L.Callback):  # from one step's start to the next one's: every hook of the step
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            window["on"], window["step"] = trainer.global_step >= 1, trainer.global_step
+
+        def on_train_end(self, trainer, pl_module):
+            window["on"] = False
+
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=7, log_every=3, callbacks=[Window()], nan_every=None)
+    trainer.fit(module, _loader())
+    quiet = [1, 3, 4, 6]  # steps 2 and 5 log (global_step + 1 divisible by 3)
+    assert [counts["walk", s] for s in quiet] == [0] * 4, dict(counts)
+    assert [counts["norm", s] for s in quiet] == [1] * 4, dict(counts)
+    window["on"], window["step"] = True, 99  # the counters do see a walk and a norm
+    list(module.parameters()), torch._foreach_norm([torch.ones(2)])
+    assert counts["walk", 99] >= 1 and counts["norm", 99] == 1
+
+
 # ----------------------------------------------------------------------------- GPU (train.py)
 # synthetic-free and offline: the bundled digits, upsampled to 32x32
 TINY_GPU = ["data=digits", "data.image_size=32", "net=ddpmpp_cifar10", "net.base_channels=32", "net.num_res_blocks=1",

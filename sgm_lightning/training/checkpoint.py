@@ -280,9 +280,14 @@ def check_compatible(ckpt: Mapping, current: Mapping, path: str = "checkpoint",
 
 # --------------------------------------------------------------------------- loop state at a step's end
 def fit_loop_state(trainer) -> tuple[int, dict]:
-    """``(global_step, copy of fit_loop.state_dict())``, taken at the end of a training step."""
+    """``(global_step, copy of fit_loop.state_dict())``, taken at the end of a training step.
+
+    Runs every step, so it copies no more than needed: the progress counters in the loop state are
+    already fresh dicts (``dataclasses.asdict``); only the loops' own ``*state_dict`` entries (which
+    may hold a data loader's live state) are deep-copied."""
     import copy
-    return int(trainer.global_step), copy.deepcopy(trainer.fit_loop.state_dict())
+    state = trainer.fit_loop.state_dict()
+    return int(trainer.global_step), {k: copy.deepcopy(v) if k.endswith("state_dict") else v for k, v in state.items()}
 
 
 def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: tuple[int, dict] | None) -> None:

@@ -222,9 +222,9 @@ class NaNGuard(Callback):
         self._losses.append(loss.detach())  # shares storage: checked (no sync) before the optimizer step
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        grad_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads and not scaled else None
+        grad_ok = None
+        if getattr(trainer.precision_plugin, "scaler", None) is None:  # fp16: the scaler skips bad steps
+            grad_ok = self._grads_finite(pl_module, optimizer)
         loss_ok = torch.stack([torch.isfinite(v).all() for v in self._losses]).all() if self._losses else None
         self._losses = []
         if grad_ok is not None or loss_ok is not None:
@@ -237,6 +237,22 @@ class NaNGuard(Callback):
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step + 1
         if (step + 1) % every == 0 or last or trainer.should_stop:
             self._check(trainer, pl_module)
+
+    @staticmethod
+    def _grads_finite(pl_module: LightningModule, optimizer) -> torch.Tensor | None:
+        """Device-side test that every gradient the optimizer will apply is finite (None: no gradients).
+
+        A non-finite entry makes the global 2-norm non-finite. ``ScoreLitModule.grad_norm`` computes
+        that norm once per step and its gradient clipping reuses it; other modules get it from
+        foreach kernels here. Either way the gradients come from the optimizer's parameter list, not
+        from a walk of the module tree."""
+        shared = getattr(pl_module, "grad_norm", None)
+        if callable(shared):
+            norm = shared(optimizer)
+        else:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
+        return None if norm is None else torch.isfinite(norm)
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Read the pending results (one host sync); act on the first non-finite step."""

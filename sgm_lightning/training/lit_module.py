@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -212,14 +213,13 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         clip, log = float(gradient_clip_val or 0.0), self._logging_step()
         if not clip and not log:
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
+        grads = _grads(optimizer)
+        if not grads:
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # a fused optimizer would unscale inside its step: do it now
-        grads = [p.grad for p in params]
-        norm = _total_norm(grads) if log or (clip and gradient_clip_algorithm != "value") else None
+        norm = self.grad_norm(optimizer) if log or (clip and gradient_clip_algorithm != "value") else None
         if clip and gradient_clip_algorithm == "value":
             torch._foreach_clamp_min_(grads, -clip)
             torch._foreach_clamp_max_(grads, clip)
@@ -227,6 +227,25 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             torch._foreach_mul_(grads, (clip / (norm + 1e-6)).clamp(max=1.0))
         if log:
             self.log("train/grad_norm", norm)
+
+    def grad_norm(self, optimizer) -> torch.Tensor | None:
+        """Global 2-norm of the gradients ``optimizer`` is about to apply, as a device tensor (no host
+        sync); None without gradients. Computed once per set of gradients: ``NaNGuard``'s finiteness
+        test and the clipping above share it (the gradients are re-read only after they change in
+        place, e.g. when the fp16 grad scaler unscales them)."""
+        grads = _grads(optimizer)
+        if not grads:
+            return None
+        # weak references: the cache must not keep last step's gradients alive, and a dead one can
+        # never match (an id() could be reused by the next step's tensor)
+        ends, versions = (grads[0], grads[-1]), (grads[0]._version, grads[-1]._version)
+        cached = self.__dict__.get("_grad_norm_cache")
+        if (cached is not None and cached[0] is optimizer and cached[1] == len(grads) and cached[3] == versions
+                and all(ref() is g for ref, g in zip(cached[2], ends))):
+            return cached[4]
+        norm = _total_norm(grads)
+        self.__dict__["_grad_norm_cache"] = (optimizer, len(grads), tuple(weakref.ref(g) for g in ends), versions, norm)
+        return norm
 
     def configure_optimizers(self):
         kwargs = {}
@@ -329,6 +348,11 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             self.train(was_training)
         samples = torch.cat(chunks)
         return _with_samples(result, samples)
+
+def _grads(optimizer) -> list[torch.Tensor]:
+    """The existing gradients of an optimizer's parameters, in its order."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
 
 def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Global 2-norm of a list of gradients (foreach kernels, stays on the device)."""
