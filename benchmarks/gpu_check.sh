@@ -3,8 +3,10 @@
 #   1. pytest -m gpu (bf16 + compile train.py run of 20 steps with checkpoint and grids, then a resume)
 #   2. benchmarks/train_step.py, DDPM++ CIFAR-10 (63.1 M), batch 128: fp32, bf16-mixed + channels_last,
 #      bf16-mixed + channels_last + compile; Lightning and plain img/s, ratio, MFU. The compiled one then
-#      profiles the same module (--profile, no second compile): wall / kernel time per step, GPU busy,
-#      kernels per step, shares by kernel family, aten ops and host syncs per step
+#      profiles the same module (--profile, no second compile): wall / host-span / kernel time per step,
+#      GPU busy and idle, kernels per step, host time in CUDA launch and sync APIs, the host-bound /
+#      device-bound verdict, shares by kernel family, aten ops and host syncs per step;
+#      2d: bf16-mixed + channels_last + compile mode reduce-overhead (CUDA graphs; skipped in SMOKE mode)
 #   3. net=ddpm_cifar10 (38.3 M), batch 128: fp32, bf16-mixed, then bf16 + channels_last + compile
 #   4. benchmarks/profile_step.py on eager bf16 + channels_last (the picture before compile)
 #
@@ -50,7 +52,7 @@ step() {
   say "== $name (timeout ${limit}s): $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" \
-    | grep -E --line-buffered "^(lightning|plain|variant) |ratio|FLOPs per|config=|wall time|GPU |kernels per|^  repeat|^  [a-zA-Z(/][a-zA-Z /()<>-]* +[0-9.]+%|^  [0-9]+:[0-9]|time shares|non-logging|logging steps|host syncs|passed|failed|skipped|^[A-Za-z]*Error" \
+    | grep -E --line-buffered "^(lightning|plain|variant) |plain ratio|FLOPs per|config=|wall time|host span|^GPU (kernel|idle)|kernels per|host (launch|sync) APIs|^(host|device)-bound|^  repeat|^  [a-zA-Z(/][a-zA-Z /()<>-]* +[0-9.]+%|^  [0-9]+:[0-9]|time shares|non-logging|logging steps|host syncs|passed|failed|skipped|^[A-Za-z]*Error" \
     >>"$SUMMARY"
   local st=("${PIPESTATUS[@]}")
   local rc=${st[0]}
@@ -70,6 +72,12 @@ step "2a $CFG fp32" 60 25 $B
 step "2b $CFG bf16-mixed channels_last" 60 25 $B --precision bf16-mixed --channels-last
 step "2c $CFG bf16-mixed channels_last compile (+ profile)" $((270 * SCALE)) 90 \
   $B --precision bf16-mixed --channels-last --compile --profile --log-every 5
+if [ "${SMOKE:-0}" = "1" ]; then  # CUDA graphs: nothing to measure on CPU
+  say "== 2d $CFG bf16-mixed channels_last compile reduce-overhead: SKIPPED (CPU smoke)"
+else
+  step "2d $CFG bf16-mixed channels_last compile reduce-overhead" $((240 * SCALE)) 90 \
+    $B --precision bf16-mixed --channels-last --compile --compile-mode reduce-overhead
+fi
 D="$PYTHON benchmarks/train_step.py --config $DDPM --batch-size $BATCH $DEV $STEPS"
 step "3a $DDPM fp32" 50 25 $D
 step "3b $DDPM bf16-mixed" 50 25 $D --precision bf16-mixed
