@@ -428,7 +428,8 @@ def count_ops(template, shape, args) -> OpCounter:
 
     trainer = train_step.lightning_trainer(args, callbacks=[Stamp()], log_every_n_steps=args.log_every)
     with counter:
-        trainer.fit(template, train_step.make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed))
+        trainer.fit(template, train_step.make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed,
+                                                  args.device))
     return counter
 
 
@@ -464,7 +465,8 @@ def profile(template, shape, args):
                 prof.__exit__(None, None, None)
 
     trainer = train_step.lightning_trainer(args, callbacks=[Window()], log_every_n_steps=args.log_every)
-    trainer.fit(template, train_step.make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed))
+    trainer.fit(template, train_step.make_loader(shape, args.batch_size, args.warmup + args.steps, args.seed,
+                                                  args.device))
     return (wall[1] - wall[0]) / args.steps, prof
 
 
