@@ -554,6 +554,7 @@ def main(argv=None) -> int:
     args.batch_size = args.batch_size or train_step.CONFIGS[args.config][2]
     if min(args.steps, args.warmup, args.log_every, args.batch_size) < 1:
         raise SystemExit("Error: --steps, --warmup, --log-every and --batch-size must be >= 1")
+    torch.backends.cudnn.benchmark = args.device.startswith("cuda")  # as trainer=gpu and train_step.py
     template, shape = train_step.build_module(args.config, args.seed, compile=args.compile,
                                               compile_mode=args.compile_mode, channels_last=args.channels_last)
     run(template, shape, args)

@@ -94,7 +94,7 @@ def lightning_trainer(args, callbacks=(), log_every_n_steps: int = 25, root_dir:
 
     root_dir = root_dir or tempfile.mkdtemp(prefix="sgm_bench_")
     return L.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-                     devices=1, precision=args.precision, gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
+                     devices=1, precision=args.precision, benchmark=torch.backends.cudnn.benchmark, gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
                      logger=CSVLogger(root_dir), default_root_dir=root_dir, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                      callbacks=[EMACallback(), NaNGuard(), *callbacks])
@@ -174,12 +174,12 @@ def run_plain(template, shape, args, counter: CallCounter | None = None, cpu_ms:
         opt.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as on CUDA, on any device
             opt.step()
         else:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as on CUDA, on any device
             scaler.step(opt)
             scaler.update()
         sched.step()
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="then run profile_step.py's report on the same (already compiled) module")
     p.add_argument("--log-every", type=int, default=5, help="trainer.log_every_n_steps of the --profile run")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="GPU: leave torch.backends.cudnn.benchmark off (trainer=gpu turns it on)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (CPU: 1 keeps all arithmetic on the main thread)")
     p.add_argument("--count-calls", action="store_true",
@@ -244,6 +246,8 @@ def main(argv=None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # both variants: cuDNN autotuning as configs/trainer/gpu.yaml sets it (the Trainer gets the same value)
+    torch.backends.cudnn.benchmark = args.device.startswith("cuda") and not args.no_cudnn_benchmark
     template, shape = build_module(args.config, args.seed, compile=args.compile, compile_mode=args.compile_mode,
                                    channels_last=args.channels_last)
     nparams = sum(p.numel() for p in template.score_model.parameters())

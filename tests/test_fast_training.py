@@ -193,7 +193,8 @@ def test_hot_path_walks_no_module_tree_and_norms_the_gradients_once(tmp_path, mo
     """Host work of a non-logging step (after the first): the EMA update, the NaN guard and the
     clipping neither walk the module tree (``Module.named_modules``, behind ``parameters()``: ~500
     generator steps per walk on the CIFAR U-Net) nor compute the gradients' norm twice (the NaN
-    guard's finiteness test and the clipping share one foreach norm)."""
+    guard's finiteness test and the clipping share one foreach norm), and nothing calls
+    ``self.log`` (~1,700 Python calls each); logging steps do log."""
     import collections
     counts, window = collections.Counter(), {"on": False, "step": -1}
     named_modules, foreach_norm = torch.nn.Module.named_modules, torch._foreach_norm
@@ -208,8 +209,15 @@ def test_hot_path_walks_no_module_tree_and_norms_the_gradients_once(tmp_path, mo
             counts["norm", window["step"]] += 1
         return foreach_norm(*args, **kwargs)
 
+    def counting_log(self, *args, **kwargs):
+        if window["on"]:
+            counts["log", window["step"]] += 1
+        return log(self, *args, **kwargs)
+
+    log = L.LightningModule.log
     monkeypatch.setattr(torch.nn.Module, "named_modules", counting_named_modules)
     monkeypatch.setattr(torch, "_foreach_norm", counting_foreach_norm)
+    monkeypatch.setattr(L.LightningModule, "log", counting_log)
 
     class Window(L.Callback):  # from one step's start to the next one's: every hook of the step
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -224,9 +232,71 @@ def test_hot_path_walks_no_module_tree_and_norms_the_gradients_once(tmp_path, mo
     quiet = [1, 3, 4, 6]  # steps 2 and 5 log (global_step + 1 divisible by 3)
     assert [counts["walk", s] for s in quiet] == [0] * 4, dict(counts)
     assert [counts["norm", s] for s in quiet] == [1] * 4, dict(counts)
+    assert [counts["log", s] for s in quiet] == [0] * 4 and counts["log", 2] > 0 and counts["log", 5] > 0, dict(counts)
     window["on"], window["step"] = True, 99  # the counters do see a walk and a norm
     list(module.parameters()), torch._foreach_norm([torch.ones(2)])
     assert counts["walk", 99] >= 1 and counts["norm", 99] == 1
+
+
+@pytest.mark.parametrize("max_steps", [5, 8])  # mid-epoch, and at the last batch of the first epoch
+def test_step_end_loop_state_equals_the_loop_state_dict_of_that_step_end(tmp_path, max_steps):
+    """The cheap per-step capture (progress counters and the loops' own entries) rebuilds exactly the
+    ``fit_loop.state_dict()`` of the step end, also after fit has closed the loop (when the live
+    state differs): what a checkpoint written after fit needs to resume exactly."""
+    import copy
+
+    from sgm_lightning.training.checkpoint import StepEndLoopState
+
+    snapshot, reference = StepEndLoopState(), {}
+
+    class Compare(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshot.capture(trainer)
+            reference["state"] = copy.deepcopy(trainer.fit_loop.state_dict())
+            assert snapshot.state_dict(trainer) == reference["state"]
+
+    trainer = _trainer(tmp_path, max_steps=max_steps, log_every=3, callbacks=[Compare()])
+    trainer.fit(_module(), _loader(n=64))  # 8 batches per epoch
+    live = trainer.fit_loop.state_dict()
+    assert live != reference["state"]  # fit closed the loop after the last step end
+    assert snapshot.state_dict(trainer) == reference["state"]
+    assert snapshot.global_step == max_steps
+
+
+def test_train_loss_is_the_mean_over_each_logging_interval_and_resumes(tmp_path):
+    """``train/loss`` at a logging step is the mean of the step losses since the previous logging
+    step (summed on the device, logged once per interval); a run resumed mid-interval logs the same."""
+    import csv
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.values = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values[trainer.global_step - 1] = float(outputs["loss"])
+
+    def logged(trainer):
+        path = os.path.join(trainer.logger.log_dir, "metrics.csv")
+        with open(path) as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    seen = Losses()
+    trainer = _trainer(tmp_path / "full", max_steps=9, log_every=4, callbacks=[seen])
+    trainer.fit(_module(), _loader(same_batches=True))
+    full = logged(trainer)
+    assert sorted(full) == [3, 7]  # logging steps: global_step + 1 divisible by 4
+    for end, start in ((3, 0), (7, 4)):
+        mean = sum(seen.values[s] for s in range(start, end + 1)) / (end - start + 1)
+        assert full[end] == pytest.approx(mean, rel=1e-6)
+    assert full[3] != pytest.approx(seen.values[3], rel=1e-3)  # not the last step's loss alone
+
+    first = _trainer(tmp_path / "a", max_steps=6, log_every=4)
+    first.fit(_module(), _loader(same_batches=True))
+    first.save_checkpoint(tmp_path / "a.ckpt")  # after fit: resumes as at the end of step 6
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["train_loss_interval"]["steps"] == 2
+    second = _trainer(tmp_path / "b", max_steps=9, log_every=4)
+    second.fit(_module(), _loader(same_batches=True), ckpt_path=str(tmp_path / "a.ckpt"))
+    assert logged(second)[7] == pytest.approx(full[7], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- GPU (train.py)

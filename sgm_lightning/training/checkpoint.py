@@ -20,7 +20,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import glob
+import operator
 import os
 import pickle
 import tempfile
@@ -279,18 +283,75 @@ def check_compatible(ckpt: Mapping, current: Mapping, path: str = "checkpoint",
 
 
 # --------------------------------------------------------------------------- loop state at a step's end
-def fit_loop_state(trainer) -> tuple[int, dict]:
-    """``(global_step, copy of fit_loop.state_dict())``, taken at the end of a training step.
+class StepEndLoopState:
+    """The fit loop's state at the end of a training step, captured at every step end and cheaply.
 
-    Runs every step, so it copies no more than needed: the progress counters in the loop state are
-    already fresh dicts (``dataclasses.asdict``); only the loops' own ``*state_dict`` entries (which
-    may hold a data loader's live state) are deep-copied."""
-    import copy
-    state = trainer.fit_loop.state_dict()
-    return int(trainer.global_step), {k: copy.deepcopy(v) if k.endswith("state_dict") else v for k, v in state.items()}
+    ``capture(trainer)`` reads the counters of Lightning's progress trackers (one
+    ``operator.attrgetter`` call per tracker) and each loop's own ``on_save_checkpoint()`` entry
+    (the batch count of the logger, a data loader's state): ~150 Python calls a step, where
+    ``fit_loop.state_dict()`` and a deep copy of it cost ~1,100, host time that a compiled GPU step
+    cannot hide. ``state_dict(trainer)`` returns what ``trainer.fit_loop.state_dict()`` returned at
+    that moment: the live state dict with the captured values put back. The trackers and loops are
+    found once per fit loop, from the keys of its public ``state_dict()`` (``epoch_progress``,
+    ``epoch_loop.batch_progress``, ``epoch_loop.state_dict``, ...); Lightning updates them in place,
+    so the same objects are read at every step.
+    """
+
+    def __init__(self):
+        self._loop = None
+        self._trackers: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, Callable]] = []
+        self._loops: list[tuple[str, Any]] = []  # (key of a loop's own entry, the loop)
+        self._values: list | None = None
+        self._own: list[dict] = []
+        self.global_step: int | None = None
+
+    def _index(self, loop) -> None:
+        trackers = []
+
+        def walk(key: str, path: tuple[str, ...], obj) -> None:
+            leaves = []
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if dataclasses.is_dataclass(value):
+                    walk(key, path + (f.name,), value)
+                else:
+                    leaves.append(f.name)
+            if leaves:
+                trackers.append((key, path, tuple(leaves), obj, operator.attrgetter(*leaves)))
+
+        loops = []
+        for key in loop.state_dict():
+            if key == "state_dict" or key.endswith(".state_dict"):  # the entry of a loop's on_save_checkpoint()
+                loops.append((key, functools.reduce(getattr, key.split(".")[:-1], loop)))
+                continue
+            obj = functools.reduce(getattr, key.split("."), loop)
+            if dataclasses.is_dataclass(obj):
+                walk(key, (), obj)
+        self._loop, self._trackers, self._loops = loop, trackers, loops
+
+    def capture(self, trainer) -> None:
+        loop = trainer.fit_loop
+        if loop is not self._loop:
+            self._index(loop)
+        self.global_step = int(trainer.global_step)
+        self._values = [get(obj) for _, _, _, obj, get in self._trackers]
+        own = [loop_.on_save_checkpoint() for _, loop_ in self._loops]
+        self._own = [entry if not entry else copy.deepcopy(entry) for entry in own]  # usually {} or ints
+
+    def state_dict(self, trainer) -> dict | None:
+        """``fit_loop.state_dict()`` as at the last ``capture`` (None before the first)."""
+        if self._values is None or trainer.fit_loop is not self._loop:
+            return None
+        state = trainer.fit_loop.state_dict()
+        for (key, path, names, _, _), values in zip(self._trackers, self._values):
+            entry = functools.reduce(dict.__getitem__, path, state[key])
+            entry.update(zip(names, values if len(names) > 1 else (values,)))
+        for (key, _), entry in zip(self._loops, self._own):
+            state[key] = copy.deepcopy(entry)
+        return state
 
 
-def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: tuple[int, dict] | None) -> None:
+def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: StepEndLoopState | None) -> None:
     """Write the fit-loop state of the last step's end into a checkpoint written after ``fit`` ended.
 
     When ``max_steps`` (or ``max_epochs``) stops training, Lightning's fit loop closes the epoch
@@ -298,15 +359,19 @@ def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: tuple[int, dict
     reads as "restarted on last". A checkpoint written then (``ModelCheckpoint(save_last=True)`` in
     ``on_train_end``, ``PreemptionCheckpoint``) resumes in the wrong epoch at the wrong batch. Saved
     at the end of the last step (as every periodic checkpoint is), the state resumes exactly, so
-    that state (``snapshot`` from ``fit_loop_state`` at the last step's end) replaces it. Nothing
-    changes for checkpoints written during a step or an epoch.
+    that state (``snapshot``, captured at every step end) replaces it. Nothing changes for
+    checkpoints written during a step or an epoch.
     """
-    if snapshot is None or snapshot[0] != int(trainer.global_step) or "fit_loop" not in checkpoint.get("loops", {}):
+    if snapshot is None or snapshot.global_step != int(trainer.global_step) \
+            or "fit_loop" not in checkpoint.get("loops", {}):
         return
     live = trainer.fit_loop.epoch_progress.current
-    saved = snapshot[1]["epoch_progress"]["current"]
-    if live.processed == live.started and saved["processed"] == saved["started"] - 1:  # closed after the snapshot
-        checkpoint["loops"]["fit_loop"] = snapshot[1]
+    if live.processed != live.started:  # the epoch is still open: the live state is a step end's
+        return
+    state = snapshot.state_dict(trainer)
+    saved = None if state is None else state["epoch_progress"]["current"]
+    if saved is not None and saved["processed"] == saved["started"] - 1:  # closed after the snapshot
+        checkpoint["loops"]["fit_loop"] = state
         checkpoint["epoch"] = int(saved["completed"])
 
 

@@ -114,9 +114,11 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         self._generator: torch.Generator | None = None
         self._pending_rng: dict | None = None
         self._pending_torch_rng: dict | None = None
-        self._step_end_loops: tuple[int, dict] | None = None
+        self._step_end_loops = None  # checkpoint.StepEndLoopState, created at the first step end
         self._last_log_time: float | None = None
         self._images_since_log = 0
+        self._interval_loss: torch.Tensor | None = None  # sum of the step losses since the last log
+        self._interval_steps = 0
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -134,8 +136,12 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         x, cond = self._unpack(batch, drop=True)
         losses, t = self.train_losses(x, cond)
         loss = losses.mean()
-        self.log("train/loss", loss)  # not prog_bar: Lightning would read it every step (callbacks/progress.py)
+        self._track_loss(loss)
         self._images_since_log += x.shape[0]
+        if self._interval_end():  # not prog_bar: Lightning would read it every step (callbacks/progress.py)
+            self.log("train/loss", self._interval_loss / self._interval_steps)
+            self._interval_loss.zero_()
+            self._interval_steps = 0
         if self._logging_step():  # the rest needs the host: only on steps whose metrics reach the logger
             if t is not None:  # noise-free losses have no noise level
                 self._log_buckets(losses.detach(), t.detach())
@@ -166,6 +172,8 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         if self._compiled_forward is None:
             yield
             return
+        if self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training iteration starts
         net = self.score_model.net
         net.forward = self._compiled_forward
         try:
@@ -173,15 +181,34 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         finally:
             del net.forward
 
-    def _logging_step(self) -> bool:
-        """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        """Add a step's loss to the interval sum, on the device. ``train/loss`` is the mean loss of
+        the steps since the last logging step, logged once per interval: a ``self.log`` call costs
+        ~1,700 Python calls of bookkeeping (its ``to(device)`` walk), too much for every step."""
+        value = loss.detach().float()
+        if self._interval_loss is None:
+            self._interval_loss = torch.zeros((), device=value.device)
+        elif self._interval_loss.device != value.device:
+            self._interval_loss = self._interval_loss.to(value.device)  # restored from a checkpoint
+        self._interval_loss.add_(value)
+        self._interval_steps += 1
+
+    def _interval_end(self) -> bool:
+        """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
+        the step at which the trainer stops), whether or not a logger is attached."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
             return False
-        if not trainer.loggers:
-            return False
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+
+    def _logging_step(self) -> bool:
+        """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
+        try:
+            loggers = self.trainer.loggers
+        except RuntimeError:  # not attached to a Trainer
+            return False
+        return bool(loggers) and self._interval_end()
 
     def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         k = self.hparams.num_loss_buckets

@@ -136,12 +136,15 @@ class TrainingStateMixin:
         state = super().__getstate__()
         for key in self._TRANSIENT_CACHES:
             state.pop(key, None)
+        state["_step_end_loops"] = None  # refers to a trainer's loops: meaningless in a copy
         return state
 
     # ------------------------------------------------------------------ checkpoints
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        from sgm_lightning.training.checkpoint import fit_loop_state
-        self._step_end_loops = fit_loop_state(self.trainer)  # see on_save_checkpoint
+        if self._step_end_loops is None:
+            from sgm_lightning.training.checkpoint import StepEndLoopState
+            self._step_end_loops = StepEndLoopState()
+        self._step_end_loops.capture(self.trainer)  # see on_save_checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from sgm_lightning.training.checkpoint import use_step_end_loop_state
@@ -157,6 +160,10 @@ class TrainingStateMixin:
         }
         if self.device.type == "cuda":
             checkpoint["rng"]["cuda"] = self._gather_rng_state(torch.cuda.get_rng_state(self.device))
+        # the running train/loss interval (ScoreLitModule._track_loss): a resumed run logs the same means
+        total = getattr(self, "_interval_loss", None)
+        checkpoint["train_loss_interval"] = {"sum": 0.0 if total is None else float(total),
+                                             "steps": int(getattr(self, "_interval_steps", 0))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from sgm_lightning.training.checkpoint import resume_between_epochs
@@ -165,6 +172,10 @@ class TrainingStateMixin:
             self.ema.load_state_dict(checkpoint["ema"])
             if self.hparams.get("ema_halflife_img") is None:
                 self.ema.decay = float(self.hparams.ema_decay)  # this run's setting, not the file's
+        interval = checkpoint.get("train_loss_interval")
+        if interval is not None and hasattr(self, "_interval_steps"):
+            self._interval_loss = torch.tensor(float(interval["sum"]), dtype=torch.float32)
+            self._interval_steps = int(interval["steps"])
         rng = checkpoint.get("rng")
         if rng is not None:
             self._pending_torch_rng = {k: _rank_state(rng.get(k), self.global_rank) for k in ("torch", "cuda")}
