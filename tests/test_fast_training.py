@@ -164,6 +164,38 @@ def test_compiled_channels_last_checkpoint_round_trips_with_eager(tmp_path, monk
     assert losses.shape == (3,) and torch.isfinite(losses).all()
 
 
+def test_compile_options_reach_torch_compile_and_cuda_graph_steps_are_marked(monkeypatch):
+    """``model.compile_options`` go to ``torch.compile(options=...)`` (checked against inductor's option
+    names, never together with a mode, errors naming the fix); a CUDA-graph compile (a mode or
+    ``triton.cudagraphs``) marks the start of every training step, an ordinary one does not."""
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    for kwargs, expected, marked in (({"compile_options": {"triton.cudagraphs": True}}, {"options": {"triton.cudagraphs": True}}, 2),
+                                     ({"compile_options": {"cpp_wrapper": True}}, {"options": {"cpp_wrapper": True}}, 0),
+                                     ({"compile_mode": "reduce-overhead"}, {"mode": "reduce-overhead"}, 2),
+                                     ({}, {"mode": None}, 0)):
+        calls.clear(), marks.clear()
+        module = _module(compile=True, **kwargs)
+        module.configure_model()
+        module.train_losses(x), module.train_losses(x)
+        assert calls == [expected] and len(marks) == marked, (kwargs, calls, marks)
+    with pytest.raises(ValueError, match="unknown inductor option.*no_such_option"):
+        _module(compile=True, compile_options={"no_such_option": 1})
+    with pytest.raises(ValueError, match="both given.*Keep compile_mode=default"):
+        _module(compile=True, compile_mode="max-autotune", compile_options={"cpp_wrapper": True})
+
+
+def test_compile_options_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+
+    from sgm_lightning.cli import plain
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.compile=true", "model.compile_options={triton.cudagraphs:true}"])
+    assert plain(cfg.model)["compile_options"] == {"triton.cudagraphs": True}
+
+
 # ----------------------------------------------------------------------------- host syncs
 def test_non_logging_steps_make_no_host_sync(tmp_path):
     """With the default callbacks' hot-path work (EMA, NaN guard, progress bar, logger), only logging

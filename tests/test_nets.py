@@ -288,3 +288,38 @@ def test_float64_forward():
     net = perturb_(MLPScoreNet(dim=2, hidden_dim=16, num_layers=2, embedding_dim=8)).double()
     out = net(torch.randn(3, 2, dtype=torch.float64), torch.rand(3, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+def test_group_norm_normalizes_in_float32_and_keeps_the_input_dtype():
+    """fp32: bitwise nn.GroupNorm (same state-dict keys, so older checkpoints load); half precision
+    under autocast: the float32 result rounded to the input dtype (not float32, which would make the
+    SiLU / scale-shift after it run in float32 under CUDA autocast); channels-last kept; gradients flow."""
+    from sgm_lightning.nets.unet import GroupNorm
+    torch.manual_seed(0)
+    norm, reference = GroupNorm(4, 16, eps=1e-6), torch.nn.GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    reference.load_state_dict(norm.state_dict())
+    x = (torch.randn(2, 16, 8, 8) * 3 + 1).requires_grad_()
+    assert torch.equal(norm(x), reference(x))
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = x.detach().to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(xh)
+        assert out.dtype == dtype and torch.equal(out, reference(xh.float()).to(dtype))
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    assert norm(x_cl).is_contiguous(memory_format=torch.channels_last)
+    norm(x).square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_group_norm_output_stays_bf16_under_cuda_autocast():
+    from sgm_lightning.nets.unet import GroupNorm
+    norm = GroupNorm(8, 32).cuda()
+    x = torch.randn(4, 32, 16, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm(x)
+        plain = torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
+    assert out.dtype == torch.bfloat16 and plain.dtype == torch.float32  # what autocast alone gives
+    torch.testing.assert_close(out.float(), plain, atol=1e-2, rtol=1e-2)

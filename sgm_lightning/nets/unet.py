@@ -40,10 +40,26 @@ from sgm_lightning.utils import check_choice, check_int
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whose output keeps the input's dtype.
+
+    Under CUDA autocast ``group_norm`` runs in float32 and returns float32, so the SiLU, the
+    scale-shift and the dropout after it would run in float32 too, and the next convolution would cast
+    back: twice the memory traffic of the bf16 / fp16 path in the eager step. Normalizing in float32
+    and casting the result to the input's dtype keeps the statistics exact and the rest of the block
+    in half precision (the same casts as before: one in, one out). In float32 training both casts are
+    no-ops and the result equals ``nn.GroupNorm``'s bitwise; parameters and state-dict keys are
+    ``nn.GroupNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it)
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, num_groups: int) -> GroupNorm:
     """GroupNorm (Wu & He 2018) with gcd(num_groups, channels) groups: 32 groups for wide layers,
     automatically fewer (always a divisor of ``channels``) for narrow ones."""
-    return nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-6)
+    return GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-6)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

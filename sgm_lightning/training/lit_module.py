@@ -19,7 +19,7 @@ import contextlib
 import functools
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -54,6 +54,10 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             with it under every precision (``configure_gradient_clipping``).
         compile: ``torch.compile`` the network's forward for training steps (with ``compile_mode``);
             sampling and evaluation run it eagerly, and state-dict keys are unchanged.
+        compile_options: inductor options for that compile (``torch.compile(options=...)``, e.g.
+            ``{"triton.cudagraphs": true}``, ``{"cpp_wrapper": true}``, ``{"combo_kernels": true}``;
+            names from ``torch._inductor.list_options()``); torch takes them instead of a mode, so
+            ``compile_mode`` must stay ``default``.
         channels_last: keep conv weights and training inputs in channels-last memory format.
         ema_decay: decay of the exponential moving average of the weights (Song et al. 2021,
             App. H: 0.9999 DDPM++, 0.999 NCSN++). 0 disables EMA (no shadow weights, nothing in
@@ -77,7 +81,7 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
                  label: str | None = None, data_shape: Sequence[int] = (1, 8, 8),
                  data_range: str = "[-1,1]", optimizer: Callable | None = None,
                  lr_scheduler: Callable | None = None, fused: bool | None = None, compile: bool = False,
-                 compile_mode: str | None = None, channels_last: bool = False,
+                 compile_mode: str | None = None, compile_options: dict | None = None, channels_last: bool = False,
                  ema_decay: float = 0.9999, ema_warmup: bool = True,
                  ema_halflife_img: float | None = None, ema_rampup_ratio: float | None = None,
                  use_ema_for_eval: bool = True, cond_drop_prob: float = 0.1, num_loss_buckets: int = 10,
@@ -86,6 +90,7 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=2e-4)
         check_optimizer(optimizer, lr_scheduler)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
+        check_compile_options(compile_options, compile_mode)
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
         if ema_halflife_img is not None and not ema_halflife_img > 0:
@@ -161,8 +166,9 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         if self.hparams.get("channels_last"):
             self.score_model.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and self._compiled_forward is None:
-            mode = self.hparams.get("compile_mode")
-            self._compiled_forward = torch.compile(self.score_model.net.forward, mode=None if mode == "default" else mode)
+            mode, options = self.hparams.get("compile_mode"), self.hparams.get("compile_options")
+            kwargs = {"options": dict(options)} if options else {"mode": None if mode == "default" else mode}
+            self._compiled_forward = torch.compile(self.score_model.net.forward, **kwargs)
 
     @contextlib.contextmanager
     def _compiled_net(self):
@@ -172,7 +178,8 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         if self._compiled_forward is None:
             yield
             return
-        if self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune"):
+        if self.hparams.get("compile_mode") in ("reduce-overhead", "max-autotune") \
+                or (self.hparams.get("compile_options") or {}).get("triton.cudagraphs"):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training iteration starts
         net = self.score_model.net
         net.forward = self._compiled_forward
@@ -375,6 +382,25 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             self.train(was_training)
         samples = torch.cat(chunks)
         return _with_samples(result, samples)
+
+def check_compile_options(options: dict | None, mode: str | None) -> None:
+    """Inductor options: a mapping of known option names; not together with a compile mode."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise ValueError(f"compile_options must be a mapping of inductor options (or null), got {options!r}")
+    if options and mode not in (None, "default"):
+        raise ValueError(f"compile_options={dict(options)} and compile_mode={mode} were both given; torch.compile "
+                         "takes one or the other. Keep compile_mode=default with compile_options, or drop "
+                         "compile_options (reduce-overhead = {'triton.cudagraphs': true}).")
+    import torch._inductor
+    known = set(torch._inductor.list_options())
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"unknown inductor option(s) in compile_options: {', '.join(unknown)}; the names are "
+                         "those of torch._inductor.list_options(), e.g. triton.cudagraphs, cpp_wrapper, "
+                         "combo_kernels, coordinate_descent_tuning")
+
 
 def _grads(optimizer) -> list[torch.Tensor]:
     """The existing gradients of an optimizer's parameters, in its order."""
