@@ -322,6 +322,20 @@ def test_train_loss_is_the_mean_over_each_logging_interval_and_resumes(tmp_path)
         assert full[end] == pytest.approx(mean, rel=1e-6)
     assert full[3] != pytest.approx(seen.values[3], rel=1e-3)  # not the last step's loss alone
 
+    # with accumulation (2 batches per optimizer step): the mean over all 8 batches of the 4 steps
+    accumulated = _trainer(tmp_path / "acc", max_steps=4, log_every=4, accumulate_grad_batches=2)
+
+    class BatchLosses(L.Callback):  # Lightning reports each batch's loss divided by the accumulation
+        values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+    batch_losses = BatchLosses()
+    accumulated.callbacks.append(batch_losses)
+    accumulated.fit(_module(), _loader(n=64))
+    assert logged(accumulated)[3] == pytest.approx(2 * sum(batch_losses.values) / 8, rel=1e-6)
+    assert len(batch_losses.values) == 8
+
     first = _trainer(tmp_path / "a", max_steps=6, log_every=4)
     first.fit(_module(), _loader(same_batches=True))
     first.save_checkpoint(tmp_path / "a.ckpt")  # after fit: resumes as at the end of step 6

@@ -143,7 +143,8 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         loss = losses.mean()
         self._track_loss(loss)
         self._images_since_log += x.shape[0]
-        if self._interval_end():  # not prog_bar: Lightning would read it every step (callbacks/progress.py)
+        if self._interval_end() and self._ends_optimizer_step(batch_idx):
+            # not prog_bar: Lightning would read it every step (callbacks/progress.py)
             self.log("train/loss", self._interval_loss / self._interval_steps)
             self._interval_loss.zero_()
             self._interval_steps = 0
@@ -199,6 +200,14 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             self._interval_loss = self._interval_loss.to(value.device)  # restored from a checkpoint
         self._interval_loss.add_(value)
         self._interval_steps += 1
+
+    def _ends_optimizer_step(self, batch_idx: int) -> bool:
+        """Whether this batch is the last of its optimizer step (``trainer.accumulate_grad_batches``
+        batches per step, fewer at the end of an epoch): with gradient accumulation every batch of a
+        step has the same ``global_step``, and ``train/loss`` is logged once, after all of them."""
+        accumulate = int(self.trainer.accumulate_grad_batches)
+        return accumulate == 1 or (batch_idx + 1) % accumulate == 0 \
+            or batch_idx + 1 >= self.trainer.num_training_batches
 
     def _interval_end(self) -> bool:
         """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
