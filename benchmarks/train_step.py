@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
     print(f"main-thread CPU ms per step (median): lightning {cpu['lightning']:.2f}, plain {cpu['plain']:.2f}, "
           f"Lightning's extra host time {cpu['lightning'] - cpu['plain']:.2f} ms per step"
-          + (" (with --threads 1 on CPU all arithmetic runs on this thread too)" if not args.device.startswith("cuda") else ""))
+          + (" (on CPU this thread also does arithmetic, unless --threads 1 makes it do all of it)"
+             if not args.device.startswith("cuda") else ""))
     if flops is not None:
         print(f"FLOPs per training step (fwd+bwd, batch {args.batch_size}): {flops / 1e12:.3f} TFLOP")
     if args.count_calls:

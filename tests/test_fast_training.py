@@ -343,6 +343,9 @@ def test_train_loss_is_the_mean_over_each_logging_interval_and_resumes(tmp_path)
     second = _trainer(tmp_path / "b", max_steps=9, log_every=4)
     second.fit(_module(), _loader(same_batches=True), ckpt_path=str(tmp_path / "a.ckpt"))
     assert logged(second)[7] == pytest.approx(full[7], rel=1e-6)
+    silent = _trainer(tmp_path / "off", max_steps=3, log_every=0)  # logging off: nothing logged, no error
+    silent.fit(_module(), _loader(same_batches=True))
+    assert "train/loss" not in silent.callback_metrics
 
 
 # ----------------------------------------------------------------------------- GPU (train.py)

@@ -211,12 +211,14 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
 
     def _interval_end(self) -> bool:
         """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
-        the step at which the trainer stops), whether or not a logger is attached."""
+        the step at which the trainer stops), whether or not a logger is attached; never when
+        ``log_every_n_steps`` is 0 (logging off, as in Lightning)."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
             return False
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+        every = trainer.log_every_n_steps
+        return bool(every) and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
     def _logging_step(self) -> bool:
         """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
