@@ -10,7 +10,7 @@
 #      syncs per step
 #   3. the same with compile mode reduce-overhead (CUDA graphs; skipped in SMOKE mode)
 #   4. DDPM++ eager: bf16-mixed + channels_last, fp32
-#   5. net=ddpm_cifar10 (38.3 M), batch 128: bf16 + channels_last + compile, fp32, bf16-mixed
+#   5. net=ddpm_cifar10 (35.75 M, DDPM's additive conditioning), batch 128: bf16 + channels_last + compile, fp32, bf16-mixed
 #   6. benchmarks/profile_step.py on eager bf16 + channels_last (the picture before compile)
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU box, from the repository root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -323,3 +324,35 @@ def test_group_norm_output_stays_bf16_under_cuda_autocast():
         plain = torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
     assert out.dtype == torch.bfloat16 and plain.dtype == torch.float32  # what autocast alone gives
     torch.testing.assert_close(out.float(), plain, atol=1e-2, rtol=1e-2)
+
+
+def test_additive_conditioning_is_ddpms_block_and_network_size():
+    """conditioning="add": h = GN(conv0(SiLU(GN(x))) + proj(e)) (Ho et al. 2020), checked against the
+    formula; the embedding still conditions the output; configs/net/ddpm_cifar10.yaml has DDPM's
+    35.7M parameters (35,746,307), the scale-shift variant 38,307,203."""
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, emb_dim=12, num_groups=4, skip_rescale=False, conditioning="add")
+    torch.nn.init.normal_(block.conv1.weight, std=0.1)
+    x, e = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    h = block.conv0(F.silu(block.norm0(x)))
+    h = block.conv1(F.silu(block.norm1(h + block.emb_proj(e)[:, :, None, None])))
+    torch.testing.assert_close(block(x, e), block.skip(x) + h)
+    assert block.emb_proj.out_features == 16  # one bias per channel, not a (scale, shift) pair
+    net = perturb_(small_unet(conditioning="add", num_groups=4)).eval()
+    xs = torch.randn(1, 1, 8, 8).expand(2, -1, -1, -1)
+    out = net(xs, torch.tensor([10.0, 900.0]))
+    assert (out[0] - out[1]).abs().max() > 1e-3 * out.abs().max()
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "net", "ddpm_cifar10.yaml"))
+    cfg.in_channels, cfg.image_size = 3, 32
+    ddpm = instantiate(cfg)
+    assert sum(p.numel() for p in ddpm.parameters()) == 35_746_307
+    cfg.conditioning = "scale_shift"
+    assert sum(p.numel() for p in instantiate(cfg).parameters()) == 38_307_203
+    with pytest.raises(ValueError, match="conditioning"):
+        small_unet(conditioning="film")
+    with pytest.raises(ValueError, match="one channel.*would vanish"):  # 16 channels in 16 groups
+        small_unet(conditioning="add")

@@ -38,6 +38,7 @@ from sgm_lightning.nets.embeddings import LabelEmbedding, TimeEmbedding, embed_c
 from sgm_lightning.utils import check_choice, check_int
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+CONDITIONING = ("scale_shift", "add")  # how residual blocks take the time / class embedding
 
 
 class GroupNorm(nn.GroupNorm):
@@ -70,19 +71,28 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """Residual block with scale-shift conditioning on the embedding e (DDPM++ / ADM style).
+    """Residual block conditioned on the embedding e.
 
-    h = conv0(SiLU(GN(x))); h = GN(h) (1 + gamma(e)) + beta(e); h = conv1(dropout(SiLU(h)));
-    out = skip(x) + h, divided by sqrt(2) when ``skip_rescale``. ``e`` is passed already activated.
+    h = conv0(SiLU(GN(x))); with ``conditioning="scale_shift"`` (ADM / DDPM++ style)
+    h = GN(h) (1 + gamma(e)) + beta(e), with ``"add"`` (DDPM, Ho et al. 2020) h = GN(h + proj(e));
+    h = conv1(dropout(SiLU(h))); out = skip(x) + h, divided by sqrt(2) when ``skip_rescale``.
+    ``e`` is passed already activated.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0,
-                 num_groups: int = 32, skip_rescale: bool = True):
+                 num_groups: int = 32, skip_rescale: bool = True, conditioning: str = "scale_shift"):
         super().__init__()
+        check_choice("conditioning", conditioning, CONDITIONING)
+        self.scale_shift = conditioning == "scale_shift"
         self.norm0 = group_norm(in_channels, num_groups)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
+        self.emb_proj = nn.Linear(emb_dim, (2 if self.scale_shift else 1) * out_channels)
         self.norm1 = group_norm(out_channels, num_groups)
+        if not self.scale_shift and self.norm1.num_groups == out_channels:
+            raise ValueError(f"conditioning='add' with {out_channels} channels in {out_channels} GroupNorm groups: "
+                             "each group is one channel, whose mean GroupNorm subtracts, so the added embedding "
+                             "would vanish. Use num_groups smaller than the channel count, or "
+                             "conditioning='scale_shift'")
         self.dropout = nn.Dropout(dropout)
         self.conv1 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -90,8 +100,11 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.silu(self.norm0(x)))
-        gamma, beta = rearrange(self.emb_proj(emb), "b (two c) -> two b c 1 1", two=2)
-        h = self.norm1(h) * (1 + gamma) + beta
+        if self.scale_shift:
+            gamma, beta = rearrange(self.emb_proj(emb), "b (two c) -> two b c 1 1", two=2)
+            h = self.norm1(h) * (1 + gamma) + beta
+        else:
+            h = self.norm1(h + self.emb_proj(emb)[:, :, None, None])
         h = self.conv1(self.dropout(F.silu(h)))
         out = self.skip(x) + h
         return out * _INV_SQRT2 if self.skip_rescale else out
@@ -176,7 +189,7 @@ class UNetEncoder(nn.Module):
     def __init__(self, in_channels: int, image_size: int, base_channels: int, channel_mults: Sequence[int],
                  num_res_blocks: int, attn_resolutions: Sequence[int], dropout: float, emb_dim: int,
                  num_groups: int = 32, resample_with_conv: bool = True, skip_rescale: bool = True,
-                 attention_heads: int = 1):
+                 attention_heads: int = 1, conditioning: str = "scale_shift"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("image_size", image_size),
                             ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
@@ -197,7 +210,8 @@ class UNetEncoder(nn.Module):
         if unused:
             warnings.warn(f"attn_resolutions {unused} do not occur in this U-Net (resolutions {self.resolutions}); "
                           "no attention is applied there", stacklevel=3)
-        block_kw = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, skip_rescale=skip_rescale)
+        block_kw = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, skip_rescale=skip_rescale,
+                        conditioning=conditioning)
         attn_kw = dict(num_heads=attention_heads, num_groups=num_groups, skip_rescale=skip_rescale)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -255,6 +269,8 @@ class UNet(nn.Module):
         skip_rescale: divide residual sums by sqrt(2) (DDPM++).
         attention_heads: heads of every attention block (must divide its channels).
         cond_channels: channels of an image condition concatenated to x (0: none; SR3 uses C).
+        conditioning: how residual blocks take the embedding: "scale_shift" (GN(h)(1 + gamma) + beta,
+            ADM / DDPM++) or "add" (GN(h + proj(e)), DDPM's network: ``configs/net/ddpm_cifar10.yaml``).
 
     ``forward(x, label, y=None, x_cond=None)``: x (B, C, H, W), label (B,) float, y (B,) LongTensor of
     classes (-1 or num_classes = null label; y=None = unconditional), x_cond (B, cond_channels, H, W)
@@ -266,7 +282,7 @@ class UNet(nn.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, embedding: str = "sinusoidal",
                  fourier_scale: float = 16.0, num_classes: int | None = None, num_groups: int = 32,
                  resample_with_conv: bool = True, skip_rescale: bool = True, attention_heads: int = 1,
-                 cond_channels: int = 0):
+                 cond_channels: int = 0, conditioning: str = "scale_shift"):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.cond_channels = check_int("cond_channels", cond_channels, min=0)
@@ -284,15 +300,17 @@ class UNet(nn.Module):
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
         self.encoder = UNetEncoder(in_channels + self.cond_channels, image_size, base_channels, channel_mults,
                                    num_res_blocks, attn_resolutions, dropout, emb_dim, num_groups,
-                                   resample_with_conv, skip_rescale, attention_heads)
+                                   resample_with_conv, skip_rescale, attention_heads, conditioning)
         mults, attn = self.encoder.channel_mults, self.encoder.attn_resolutions
         self._hparams = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size,
                              base_channels=base_channels, channel_mults=mults, num_res_blocks=num_res_blocks,
                              attn_resolutions=attn, dropout=dropout, embedding=embedding,
                              fourier_scale=fourier_scale, num_classes=num_classes, num_groups=num_groups,
                              resample_with_conv=resample_with_conv, skip_rescale=skip_rescale,
-                             attention_heads=attention_heads, cond_channels=self.cond_channels)
-        block_kw = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, skip_rescale=skip_rescale)
+                             attention_heads=attention_heads, cond_channels=self.cond_channels,
+                             conditioning=conditioning)
+        block_kw = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, skip_rescale=skip_rescale,
+                        conditioning=conditioning)
         attn_kw = dict(num_heads=attention_heads, num_groups=num_groups, skip_rescale=skip_rescale)
         skips = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
