@@ -264,7 +264,7 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # a fused optimizer would unscale inside its step: do it now
-        norm = self.grad_norm(optimizer) if log or (clip and gradient_clip_algorithm != "value") else None
+        norm = self.grad_norm(optimizer, grads) if log or (clip and gradient_clip_algorithm != "value") else None
         if clip and gradient_clip_algorithm == "value":
             torch._foreach_clamp_min_(grads, -clip)
             torch._foreach_clamp_max_(grads, clip)
@@ -273,12 +273,13 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         if log:
             self.log("train/grad_norm", norm)
 
-    def grad_norm(self, optimizer) -> torch.Tensor | None:
+    def grad_norm(self, optimizer, grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor | None:
         """Global 2-norm of the gradients ``optimizer`` is about to apply, as a device tensor (no host
         sync); None without gradients. Computed once per set of gradients: ``NaNGuard``'s finiteness
         test and the clipping above share it (the gradients are re-read only after they change in
-        place, e.g. when the fp16 grad scaler unscales them)."""
-        grads = _grads(optimizer)
+        place, e.g. when the fp16 grad scaler unscales them). ``grads``: the optimizer's existing
+        gradients when the caller has listed them already."""
+        grads = _grads(optimizer) if grads is None else grads
         if not grads:
             return None
         # weak references: the cache must not keep last step's gradients alive, and a dead one can
