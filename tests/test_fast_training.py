@@ -277,7 +277,7 @@ def test_step_end_loop_state_equals_the_loop_state_dict_of_that_step_end(tmp_pat
     state differs): what a checkpoint written after fit needs to resume exactly."""
     import copy
 
-    from sgm_lightning.training.checkpoint import StepEndLoopState
+    from sgm_lightning.training.loop_state import StepEndLoopState
 
     snapshot, reference = StepEndLoopState(), {}
 

@@ -41,6 +41,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from sgm_lightning.training.gradients import optimizer_grads, total_norm
 from sgm_lightning.utils import check_choice, check_int, check_positive
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
@@ -242,16 +243,16 @@ class NaNGuard(Callback):
     def _grads_finite(pl_module: LightningModule, optimizer) -> torch.Tensor | None:
         """Device-side test that every gradient the optimizer will apply is finite (None: no gradients).
 
-        A non-finite entry makes the global 2-norm non-finite. ``ScoreLitModule.grad_norm`` computes
-        that norm once per step and its gradient clipping reuses it; other modules get it from
-        foreach kernels here. Either way the gradients come from the optimizer's parameter list, not
+        A non-finite entry makes the global 2-norm non-finite. ``gradients.GradientMixin.grad_norm``
+        (``ScoreLitModule``) computes that norm once per step and its clipping reuses it; other
+        modules get it from the same foreach kernels here. Either way the gradients come from the optimizer's parameter list, not
         from a walk of the module tree."""
         shared = getattr(pl_module, "grad_norm", None)
         if callable(shared):
             norm = shared(optimizer)
         else:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
+            grads = optimizer_grads(optimizer)
+            norm = total_norm(grads) if grads else None
         return None if norm is None else torch.isfinite(norm)
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
-import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
@@ -29,14 +27,16 @@ from torch_ema import ExponentialMovingAverage
 from sgm_lightning.losses import dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
+from sgm_lightning.training.gradients import GradientMixin
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
+from sgm_lightning.training.step_metrics import StepMetricsMixin
 from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class ScoreLitModule(TrainingStateMixin, L.LightningModule):
+class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.LightningModule):
     """Train a score model with a per-example loss; sample from it with any sampler.
 
     Args:
@@ -119,11 +119,8 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
         self._generator: torch.Generator | None = None
         self._pending_rng: dict | None = None
         self._pending_torch_rng: dict | None = None
-        self._step_end_loops = None  # checkpoint.StepEndLoopState, created at the first step end
-        self._last_log_time: float | None = None
-        self._images_since_log = 0
-        self._interval_loss: torch.Tensor | None = None  # sum of the step losses since the last log
-        self._interval_steps = 0
+        self._step_end_loops = None  # loop_state.StepEndLoopState, created at the first step end
+        self._init_step_metrics()
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -188,110 +185,6 @@ class ScoreLitModule(TrainingStateMixin, L.LightningModule):
             yield
         finally:
             del net.forward
-
-    def _track_loss(self, loss: torch.Tensor) -> None:
-        """Add a step's loss to the interval sum, on the device. ``train/loss`` is the mean loss of
-        the steps since the last logging step, logged once per interval: a ``self.log`` call costs
-        ~1,700 Python calls of bookkeeping (its ``to(device)`` walk), too much for every step."""
-        value = loss.detach().float()
-        if self._interval_loss is None:
-            self._interval_loss = torch.zeros((), device=value.device)
-        elif self._interval_loss.device != value.device:
-            self._interval_loss = self._interval_loss.to(value.device)  # restored from a checkpoint
-        self._interval_loss.add_(value)
-        self._interval_steps += 1
-
-    def _ends_optimizer_step(self, batch_idx: int) -> bool:
-        """Whether this batch is the last of its optimizer step (``trainer.accumulate_grad_batches``
-        batches per step, fewer at the end of an epoch): with gradient accumulation every batch of a
-        step has the same ``global_step``, and ``train/loss`` is logged once, after all of them."""
-        accumulate = int(self.trainer.accumulate_grad_batches)
-        return accumulate == 1 or (batch_idx + 1) % accumulate == 0 \
-            or batch_idx + 1 >= self.trainer.num_training_batches
-
-    def _interval_end(self) -> bool:
-        """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
-        the step at which the trainer stops), whether or not a logger is attached; never when
-        ``log_every_n_steps`` is 0 (logging off, as in Lightning)."""
-        try:
-            trainer = self.trainer
-        except RuntimeError:  # not attached to a Trainer
-            return False
-        every = trainer.log_every_n_steps
-        return bool(every) and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
-
-    def _logging_step(self) -> bool:
-        """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
-        try:
-            loggers = self.trainer.loggers
-        except RuntimeError:  # not attached to a Trainer
-            return False
-        return bool(loggers) and self._interval_end()
-
-    def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        k = self.hparams.num_loss_buckets
-        idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
-        for b in torch.unique(idx).tolist():
-            lo, hi = b / k * self.sde.T, (b + 1) / k * self.sde.T
-            self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", losses[idx == b].mean())
-
-    def _log_throughput(self) -> None:
-        # images over the wall time between two logging steps (the host runs ahead of the GPU by at
-        # most a few steps, so over log_every_n_steps steps this is the device's rate)
-        now = time.perf_counter()
-        if self._last_log_time is not None and now > self._last_log_time:
-            self.log("train/img_per_sec", self._images_since_log * self.trainer.world_size / (now - self._last_log_time))
-        self._last_log_time, self._images_since_log = now, 0
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self._logging_step():  # the one learning-rate metric (no LearningRateMonitor needed)
-            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip (``trainer.gradient_clip_val``, by norm or value) on the device, without a host sync;
-        log the norm before clipping on logging steps.
-
-        Done here rather than by Lightning's precision plugin, which refuses fused optimizers under
-        mixed precision: with bf16 the gradients are not scaled, and with fp16 the grad scaler
-        unscales them first (its step then skips non-finite steps as usual).
-        """
-        clip, log = float(gradient_clip_val or 0.0), self._logging_step()
-        if not clip and not log:
-            return
-        grads = _grads(optimizer)
-        if not grads:
-            return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)  # a fused optimizer would unscale inside its step: do it now
-        norm = self.grad_norm(optimizer, grads) if log or (clip and gradient_clip_algorithm != "value") else None
-        if clip and gradient_clip_algorithm == "value":
-            torch._foreach_clamp_min_(grads, -clip)
-            torch._foreach_clamp_max_(grads, clip)
-        elif clip:  # as torch.nn.utils.clip_grad_norm_, without its per-tensor loop off CUDA
-            torch._foreach_mul_(grads, (clip / (norm + 1e-6)).clamp(max=1.0))
-        if log:
-            self.log("train/grad_norm", norm)
-
-    def grad_norm(self, optimizer, grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Global 2-norm of the gradients ``optimizer`` is about to apply, as a device tensor (no host
-        sync); None without gradients. Computed once per set of gradients: ``NaNGuard``'s finiteness
-        test and the clipping above share it (the gradients are re-read only after they change in
-        place, e.g. when the fp16 grad scaler unscales them). ``grads``: the optimizer's existing
-        gradients when the caller has listed them already."""
-        grads = _grads(optimizer) if grads is None else grads
-        if not grads:
-            return None
-        # weak references: the cache must not keep last step's gradients alive, and a dead one can
-        # never match (an id() could be reused by the next step's tensor)
-        ends, versions = (grads[0], grads[-1]), (grads[0]._version, grads[-1]._version)
-        cached = self.__dict__.get("_grad_norm_cache")
-        if (cached is not None and cached[0] is optimizer and cached[1] == len(grads) and cached[3] == versions
-                and all(ref() is g for ref, g in zip(cached[2], ends))):
-            return cached[4]
-        norm = _total_norm(grads)
-        self.__dict__["_grad_norm_cache"] = (optimizer, len(grads), tuple(weakref.ref(g) for g in ends), versions, norm)
-        return norm
 
     def configure_optimizers(self):
         kwargs = {}
@@ -412,16 +305,6 @@ def check_compile_options(options: dict | None, mode: str | None) -> None:
         raise ValueError(f"unknown inductor option(s) in compile_options: {', '.join(unknown)}; the names are "
                          "those of torch._inductor.list_options(), e.g. triton.cudagraphs, cpp_wrapper, "
                          "combo_kernels, coordinate_descent_tuning")
-
-
-def _grads(optimizer) -> list[torch.Tensor]:
-    """The existing gradients of an optimizer's parameters, in its order."""
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
-def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Global 2-norm of a list of gradients (foreach kernels, stays on the device)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _with_samples(result, samples: torch.Tensor):

@@ -123,8 +123,9 @@ class TrainingStateMixin:
             self.__dict__["_ema_target_cache"] = cached
         return cached
 
-    # per-process caches of the hot path (``_ema_targets``, ``ScoreLitModule.grad_norm``): rebuilt on
-    # demand, never pickled (ddp_spawn, deepcopy of a module) nor kept across a device conversion
+    # per-process caches of the hot path (``_ema_targets``, ``gradients.GradientMixin.grad_norm``):
+    # rebuilt on demand, never pickled (ddp_spawn, deepcopy of a module) nor kept across a device
+    # conversion
     _TRANSIENT_CACHES = ("_ema_target_cache", "_grad_norm_cache")
 
     def _apply(self, fn, *args, **kwargs):
@@ -142,12 +143,12 @@ class TrainingStateMixin:
     # ------------------------------------------------------------------ checkpoints
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._step_end_loops is None:
-            from sgm_lightning.training.checkpoint import StepEndLoopState
+            from sgm_lightning.training.loop_state import StepEndLoopState
             self._step_end_loops = StepEndLoopState()
         self._step_end_loops.capture(self.trainer)  # see on_save_checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from sgm_lightning.training.checkpoint import use_step_end_loop_state
+        from sgm_lightning.training.loop_state import use_step_end_loop_state
         if self._trainer is not None:  # a file written after fit ended resumes like one of its last step
             use_step_end_loop_state(self.trainer, checkpoint, self._step_end_loops)
         checkpoint["sgm_config"] = self.hparams.get("config")
@@ -166,7 +167,7 @@ class TrainingStateMixin:
                                              "steps": int(getattr(self, "_interval_steps", 0))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from sgm_lightning.training.checkpoint import resume_between_epochs
+        from sgm_lightning.training.loop_state import resume_between_epochs
         resume_between_epochs(checkpoint)  # before Lightning restores its loops from it
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])

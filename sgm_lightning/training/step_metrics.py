@@ -1,0 +1,82 @@
+"""What a training step logs, and when: the hot path reads nothing from the device.
+
+``StepMetricsMixin`` sums the step losses on the device and logs ``train/loss`` (their mean) once per
+logging interval; on logging steps only it logs the loss per noise-level bucket, the throughput and
+the learning rate. ``_logging_step()`` tells the other hooks (clipping: ``train/grad_norm``) whether
+this step's metrics reach a logger. The module sets ``hparams.num_loss_buckets`` and ``sde`` and calls
+``_init_step_metrics()`` in its constructor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class StepMetricsMixin:
+    """Per-step metric bookkeeping of a LightningModule (see the module docstring)."""
+
+    def _init_step_metrics(self) -> None:
+        self._last_log_time: float | None = None
+        self._images_since_log = 0
+        self._interval_loss: torch.Tensor | None = None  # sum of the step losses since the last log
+        self._interval_steps = 0
+
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        """Add a step's loss to the interval sum, on the device. ``train/loss`` is the mean loss of
+        the steps since the last logging step, logged once per interval: a ``self.log`` call costs
+        ~1,700 Python calls of bookkeeping (its ``to(device)`` walk), too much for every step."""
+        value = loss.detach().float()
+        if self._interval_loss is None:
+            self._interval_loss = torch.zeros((), device=value.device)
+        elif self._interval_loss.device != value.device:
+            self._interval_loss = self._interval_loss.to(value.device)  # restored from a checkpoint
+        self._interval_loss.add_(value)
+        self._interval_steps += 1
+
+    def _ends_optimizer_step(self, batch_idx: int) -> bool:
+        """Whether this batch is the last of its optimizer step (``trainer.accumulate_grad_batches``
+        batches per step, fewer at the end of an epoch): with gradient accumulation every batch of a
+        step has the same ``global_step``, and ``train/loss`` is logged once, after all of them."""
+        accumulate = int(self.trainer.accumulate_grad_batches)
+        return accumulate == 1 or (batch_idx + 1) % accumulate == 0 \
+            or batch_idx + 1 >= self.trainer.num_training_batches
+
+    def _interval_end(self) -> bool:
+        """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
+        the step at which the trainer stops), whether or not a logger is attached; never when
+        ``log_every_n_steps`` is 0 (logging off, as in Lightning)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return False
+        every = trainer.log_every_n_steps
+        return bool(every) and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+
+    def _logging_step(self) -> bool:
+        """Whether this step's metrics reach a logger (every ``trainer.log_every_n_steps`` steps)."""
+        try:
+            loggers = self.trainer.loggers
+        except RuntimeError:  # not attached to a Trainer
+            return False
+        return bool(loggers) and self._interval_end()
+
+    def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        k = self.hparams.num_loss_buckets
+        idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
+        for b in torch.unique(idx).tolist():
+            lo, hi = b / k * self.sde.T, (b + 1) / k * self.sde.T
+            self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", losses[idx == b].mean())
+
+    def _log_throughput(self) -> None:
+        # images over the wall time between two logging steps (the host runs ahead of the GPU by at
+        # most a few steps, so over log_every_n_steps steps this is the device's rate)
+        now = time.perf_counter()
+        if self._last_log_time is not None and now > self._last_log_time:
+            self.log("train/img_per_sec", self._images_since_log * self.trainer.world_size / (now - self._last_log_time))
+        self._last_log_time, self._images_since_log = now, 0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._logging_step():  # the one learning-rate metric (no LearningRateMonitor needed)
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
