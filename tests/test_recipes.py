@@ -150,6 +150,8 @@ def test_recipe_configs_compose_and_build(overrides):
         assert (cfg.model.ema_halflife_img, cfg.model.ema_rampup_ratio) == (500000, 0.05)
         assert cfg.lr_schedule.warmup_steps == 19531 and cfg.trainer.gradient_clip_val is None
         assert cfg.callbacks.samples.samplers.heun.steps == 18 and (sde.sigma_min, sde.sigma_max) == (0.002, 80.0)
+        active = sorted(k for k, v in cfg.callbacks.samples.samplers.items() if v is not None)
+        assert active == ["heun", "heun_churn"]  # the paper's samplers replace the default grids
     if overrides == ["experiment=sr3_digits"]:
         dm = instantiate(cfg.data)
         assert dm.factor == 2 and dm.cond_shape == (1, 8, 8) and cfg.callbacks.samples is None
