@@ -94,7 +94,8 @@ def lightning_trainer(args, callbacks=(), log_every_n_steps: int = 25, root_dir:
 
     root_dir = root_dir or tempfile.mkdtemp(prefix="sgm_bench_")
     return L.Trainer(max_steps=args.warmup + args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-                     devices=1, precision=args.precision, benchmark=torch.backends.cudnn.benchmark, gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
+                     devices=1, precision=args.precision, benchmark=torch.backends.cudnn.benchmark,
+                     gradient_clip_val=1.0, log_every_n_steps=log_every_n_steps,
                      logger=CSVLogger(root_dir), default_root_dir=root_dir, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                      callbacks=[EMACallback(), NaNGuard(), *callbacks])
