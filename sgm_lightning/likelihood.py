@@ -114,8 +114,8 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating-point tensor of shape (B, ...), got "
                          f"{getattr(x, 'dtype', type(x).__name__)}; dequantize integer images first")
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (B, ...) with at least 2 dims, got {tuple(x.shape)}")
+    if x.ndim < 1:
+        raise ValueError("x must have shape (B, ...) (a batch of examples), got a 0-dim tensor")
     eps = sde.default_eps if eps is None else float(eps)
     if not 0.0 <= eps < sde.T:
         raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps!r}")
