@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torchdiffeq import odeint
 
+from sgm_lightning.samplers.ode import FIXED_GRID_SOLVERS
 from sgm_lightning.samplers.ode import TORCHDIFFEQ_SOLVERS as ODE_SOLVERS
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_int, check_positive, rademacher_like, randn_like
@@ -83,7 +84,7 @@ class LikelihoodResult:
 def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sde: SDE, x: torch.Tensor,
                    trace: str = "hutchinson", generator: torch.Generator | None = None, eps: float | None = None,
                    probe: str = "rademacher", n_probes: int = 1, solver: str = "dopri5", rtol: float = 1e-5,
-                   atol: float = 1e-5, **solver_options) -> LikelihoodResult:
+                   atol: float = 1e-5, steps: int | None = None, **solver_options) -> LikelihoodResult:
     """Negative log-likelihood of ``x`` under the probability-flow ODE of ``sde`` driven by ``score_fn``.
 
     Integrates [x(t), int div f~] from t = eps to T (Song et al. 2021, Eq. 39-40) and returns
@@ -99,7 +100,9 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         eps: start time (default ``sde.default_eps``).
         probe: "rademacher" or "gaussian" Hutchinson probes.
         n_probes: probes per example (averaged).
-        solver: a torchdiffeq method (``ODE_SOLVERS``); rtol, atol: its tolerances.
+        solver: a torchdiffeq method (``ODE_SOLVERS``); rtol, atol: its tolerances (adaptive methods).
+        steps: fixed-grid methods (euler, rk4, ...): ``steps`` uniform steps from eps to T. A fixed-grid
+            method needs ``steps`` or ``step_size=`` (or torchdiffeq's ``grid_constructor=``).
         **solver_options: passed to ``odeint`` as ``options`` (e.g. ``step_size=`` for fixed-step methods);
             ``method=`` (torchdiffeq's name) is accepted as an alias of ``solver``.
     """
@@ -119,6 +122,19 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     eps = sde.default_eps if eps is None else float(eps)
     if not 0.0 <= eps < sde.T:
         raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps!r}")
+    grid_options = {"step_size", "grid_constructor"} & set(solver_options)
+    if steps is not None:
+        if solver not in FIXED_GRID_SOLVERS:
+            raise ValueError(f"steps applies to the fixed-grid solvers ({', '.join(FIXED_GRID_SOLVERS)}); "
+                             f"solver={solver!r} is adaptive: set rtol/atol instead, or pass solver='rk4'")
+        n = check_int("steps", steps)
+        if grid_options:
+            raise ValueError(f"pass either steps or {' / '.join(sorted(grid_options))}, not both")
+        solver_options["grid_constructor"] = lambda f, y0, t: torch.linspace(t[0], t[-1], n + 1, dtype=t.dtype,
+                                                                             device=t.device)
+    elif solver in FIXED_GRID_SOLVERS and not grid_options:
+        raise ValueError(f"solver={solver!r} is a fixed-grid method and would take one step over [eps, T]: "
+                         f"pass steps=N (N uniform steps) or step_size=...")
 
     x = x.detach()
     B = x.shape[0]

@@ -34,3 +34,22 @@ def test_likelihood_of_scalar_data(name):
     hutch = log_likelihood(GM1.score_fn(sde), sde, x, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(hutch.nll, exact.nll, rtol=0, atol=1e-9)
 
+
+def test_likelihood_fixed_grid_solvers_take_steps():
+    """A fixed-grid method without a grid used to take one step over [eps, T] (NLL off by 0.3 nats,
+    silently); ``steps=N`` takes N uniform steps (rk4: 4 NFE each)."""
+    sde, x = VPSDE(), GM2.sample(4, generator=torch.Generator().manual_seed(5))
+    f = GM2.score_fn(sde)
+    res = log_likelihood(f, sde, x, trace="exact", solver="rk4", steps=50)
+    assert res.nfe == 4 * 50
+    assert torch.allclose(res.nll, -_logp_eps(GM2, sde, x), atol=1e-2)
+    step = log_likelihood(f, sde, x, trace="exact", solver="rk4", step_size=(1 - 1e-3) / 50)
+    assert torch.allclose(step.nll, res.nll, rtol=0, atol=1e-12)  # the same uniform grid
+    with pytest.raises(ValueError, match="steps=N"):
+        log_likelihood(f, sde, x, solver="euler")
+    with pytest.raises(ValueError, match="adaptive"):
+        log_likelihood(f, sde, x, solver="dopri5", steps=10)
+    with pytest.raises(ValueError, match="steps"):
+        log_likelihood(f, sde, x, solver="rk4", steps=0)
+    with pytest.raises(ValueError, match="not both"):
+        log_likelihood(f, sde, x, solver="rk4", steps=10, step_size=0.1)
