@@ -10,6 +10,7 @@ from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.likelihood import log_likelihood
+from sgm_lightning.sampling import decode, encode, interpolate
 from sgm_lightning.sde import VPSDE
 
 SDES = make_sdes(ve_sigma_max=100.0)
@@ -53,3 +54,42 @@ def test_likelihood_fixed_grid_solvers_take_steps():
         log_likelihood(f, sde, x, solver="rk4", steps=0)
     with pytest.raises(ValueError, match="not both"):
         log_likelihood(f, sde, x, solver="rk4", steps=10, step_size=0.1)
+
+
+# ----------------------------------------------------------------------------- encode / decode
+def _gaussian_flow(sde, x, mu, var, t_from, t_to):
+    """The probability-flow map of N(mu, var I) data between two times: an affine map, since p_t stays
+    N(alpha_t mu, v_t I) with v_t = alpha_t^2 var + sigma_t^2 and the flow keeps the standardized value."""
+    (a0, s0), (a1, s1) = (sde.marginal_coeffs(torch.tensor(t, dtype=torch.float64)) for t in (t_from, t_to))
+    v0, v1 = a0**2 * var + s0**2, a1**2 * var + s1**2
+    return a1 * mu + torch.sqrt(v1 / v0) * (x - a0 * mu)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_encode_and_interpolate_scalar_data(name):
+    sde = SDES[name]
+    f = GM1.score_fn(sde)
+    x = GM1.sample(4, generator=torch.Generator().manual_seed(2))
+    z = encode(f, sde, x, rtol=1e-8, atol=1e-8).samples
+    assert z.shape == (4,)
+    torch.testing.assert_close(z, _gaussian_flow(sde, x, 0.3, 0.5, sde.default_eps, sde.T), rtol=1e-6, atol=1e-6)
+    res = interpolate(f, sde, x[:2], x[2:], n=3)  # used to refuse data of shape (P,)
+    assert res.samples.shape == (2, 3)
+    torch.testing.assert_close(res.samples[:, 0], x[:2], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(res.samples[:, -1], x[2:], rtol=1e-3, atol=1e-3)
+
+
+def test_encode_decode_reject_bad_eps_and_steps():
+    """eps outside (0, T) used to run the ODE over a wrong interval (eps=2 "encoded" towards t=2, eps=-1
+    through negative times) and steps=0 / 1.5 failed deep inside the grid code."""
+    sde = VPSDE()
+    f, x = GM2.score_fn(sde), GM2.sample(3, generator=torch.Generator().manual_seed(0))
+    for fn in (encode, decode):
+        for eps in (2.0, 1.0, -1.0, 0.0):
+            with pytest.raises(ValueError, match="eps"):
+                fn(f, sde, x, eps=eps)
+        for steps in (0, 1.5):
+            with pytest.raises(ValueError, match="steps"):
+                fn(f, sde, x, solver="euler", steps=steps)
+        with pytest.raises(ValueError, match="floating-point"):
+            fn(f, sde, x.long())

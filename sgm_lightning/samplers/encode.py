@@ -31,8 +31,14 @@ from sgm_lightning.utils import check_int
 def _flow(score_fn, sde: SDE, x: torch.Tensor, forward: bool, eps: float | None, solver: str, rtol: float,
           atol: float, steps: int, grid: str) -> SampleResult:
     check_ode_options(solver, rtol, atol)
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 1:
+        raise ValueError(f"the {'data' if forward else 'latents'} must be a floating-point tensor of shape (B, ...), "
+                         f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     eps = sde.default_eps if eps is None else eps
-    n = steps if is_fixed_grid(solver) else 1
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
+        raise ValueError(f"eps (the data end of the ODE, as for sample) must be a number with 0 < eps < T={sde.T}, "
+                         f"got {eps!r}")
+    n = check_int("steps (fixed-grid solvers)", steps) if is_fixed_grid(solver) else 1
     times = make_grid(grid, sde, eps, n + 1, device=x.device)
     if forward:
         times = times.flip(0)
@@ -82,7 +88,7 @@ def interpolate(score_fn, sde: SDE, x0: torch.Tensor, x1: torch.Tensor, n: int =
     ``ode_options``: eps, solver, rtol, atol, steps, grid (as for ``encode``).
     """
     n = check_int("n", n, min=2)
-    if x0.shape != x1.shape or x0.ndim < 2:
+    if x0.shape != x1.shape or x0.ndim < 1:
         raise ValueError(f"x0 and x1 must have the same shape (P, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}")
     P, event = x0.shape[0], x0.shape[1:]
     enc = encode(score_fn, sde, torch.cat([x0, x1]), **ode_options)
