@@ -9,6 +9,8 @@ import torch
 from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
+from sgm_lightning.inverse import (BoxInpainting, GaussianBlur, Grayscale, Inpainting, MatrixOperator, dps_sample,
+                                   repaint_sample, replacement_sample)
 from sgm_lightning.likelihood import log_likelihood
 from sgm_lightning.sampling import decode, encode, interpolate
 from sgm_lightning.sde import VPSDE
@@ -93,3 +95,55 @@ def test_encode_decode_reject_bad_eps_and_steps():
                 fn(f, sde, x, solver="euler", steps=steps)
         with pytest.raises(ValueError, match="floating-point"):
             fn(f, sde, x.long())
+
+
+# ----------------------------------------------------------------------------- inverse problems
+def test_inpainting_mask_must_fit_the_examples():
+    """A mask of another shape used to fail in a broadcast (4x4 mask, 8x8 images) or, worse, to
+    broadcast silently: a (3, 8, 8) mask turned 1-channel images into a 3-channel 'measurement'."""
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    for mask in (torch.ones(1, 4, 4), torch.ones(3, 8, 8)):
+        op = Inpainting(mask)
+        for call in (op.forward, op.transpose, op.pinv, lambda v: op.replace(v, v)):
+            with pytest.raises(ValueError, match="mask of shape"):
+                call(x)
+    m = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.5  # (H, W) broadcasts over channels
+    assert torch.equal(Inpainting(m).forward(x), torch.where(m, x, 0.0))
+
+
+def test_matrix_operator_on_scalar_data_keeps_the_shape():
+    """Data of shape (B,) (event shape ()): A^T y and A^+ y used to come back as (B, 1)."""
+    op = MatrixOperator(torch.tensor([[2.0], [-1.0]], dtype=torch.float64))
+    x = torch.randn(5, dtype=torch.float64)
+    y = op.forward(x)
+    assert y.shape == (5, 2)
+    torch.testing.assert_close(op.pinv(y), x)  # A has full column rank: A^+ A = I
+    torch.testing.assert_close(op.transpose(y), 5 * x)  # A^T A = 5
+
+
+def test_posterior_samplers_reject_bad_eps_and_mismatched_measurements():
+    sde = VPSDE()
+    f = GM2.score_fn(sde)
+    op = Inpainting(torch.tensor([1, 0]))
+    y = op.forward(GM2.sample(3, generator=torch.Generator().manual_seed(0)))
+    kwargs = {"dps": {}, "replacement": {}, "repaint": {"jump_length": 1}}
+    for fn, kw in zip((dps_sample, replacement_sample, repaint_sample), kwargs.values()):
+        for eps in (1.0, 2.0):  # used to run the grid T -> eps backwards or not at all
+            with pytest.raises(ValueError, match="eps"):
+                fn(f, sde, op, y, steps=2, eps=eps, **kw)
+        with pytest.raises(ValueError, match="y has shape"):  # a measurement of 3-dim data
+            fn(f, sde, op, torch.zeros(3, 3, dtype=torch.float64), steps=2, shape=(3, 2), **kw)
+        with pytest.raises(ValueError, match="y has shape"):  # a measurement of another batch
+            fn(f, sde, op, y[:2], steps=2, shape=(3, 2), **kw)
+        with pytest.raises(ValueError, match="y has shape"):  # a start point of another batch size
+            fn(f, sde, op, y, steps=2, x_T=torch.zeros(2, 2, dtype=torch.float64), **kw)
+
+
+def test_operator_errors_name_the_fix():
+    with pytest.raises(ValueError, match="padding='zeros'"):
+        GaussianBlur(9, 2.0).forward(torch.zeros(1, 3, 4, 4))
+    assert GaussianBlur(9, 2.0, padding="zeros").forward(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="channels=4"):
+        Grayscale().forward(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        BoxInpainting((0, 0, 9, 2)).forward(torch.zeros(1, 3, 8, 8))

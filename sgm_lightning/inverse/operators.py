@@ -100,7 +100,15 @@ class Inpainting(LinearOperator):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask broadcastable to ``x`` (True = observed)."""
-        m = self._mask if self._mask is not None else self.make_mask(tuple(x.shape[1:]))
+        event = tuple(x.shape[1:])
+        m = self._mask if self._mask is not None else self.make_mask(event)
+        try:
+            fits = torch.broadcast_shapes(tuple(m.shape), event) == event
+        except RuntimeError:
+            fits = False
+        if not fits:  # else a cryptic broadcast error, or a measurement of another shape than x
+            raise ValueError(f"mask of shape {tuple(m.shape)} does not fit examples of shape {event}: pass a mask of "
+                             f"the example shape ((C, H, W), (1, H, W) or (H, W) for images, (D,) for vectors)")
         return m.to(x.device).unsqueeze(0)
 
     def forward(self, x):
@@ -220,7 +228,8 @@ class Grayscale(LinearOperator):
     def forward(self, x):
         _check_image(x)
         if x.shape[1] != self.channels:
-            raise ValueError(f"Grayscale(channels={self.channels}) got images with {x.shape[1]} channels")
+            raise ValueError(f"Grayscale(channels={self.channels}) got images with {x.shape[1]} channels: colorization "
+                             f"needs colour images; pass channels={x.shape[1]} if they are (at least 2 channels)")
         return (x * self._w(x)).sum(dim=1, keepdim=True)
 
     def transpose(self, y):
@@ -305,7 +314,8 @@ class GaussianBlur(LinearOperator):
         if self.padding == "reflect":
             if p >= min(x.shape[-2:]):
                 raise ValueError(f"kernel_size={self.kernel_size} too large for reflect padding of a "
-                                 f"{x.shape[-2]}x{x.shape[-1]} image")
+                                 f"{x.shape[-2]}x{x.shape[-1]} image: use kernel_size <= {2 * min(x.shape[-2:]) - 1} "
+                                 f"or padding='zeros'")
             return F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), self.kernel(x), groups=x.shape[1])
         return F.conv2d(x, self.kernel(x), padding=p, groups=x.shape[1])
 
@@ -350,7 +360,7 @@ class MatrixOperator(LinearOperator):
         return x.reshape(x.shape[0], -1) @ self.A.to(x).T
 
     def _unflatten(self, v):
-        shape = self.event_shape or (self.A.shape[1],)
+        shape = self.event_shape if self.event_shape is not None else (self.A.shape[1],)  # () for scalar data
         return v.reshape(v.shape[0], *shape)
 
     def transpose(self, y):

@@ -50,16 +50,27 @@ def diffused_known(sde: SDE, operator: LinearOperator, known0: torch.Tensor, s: 
 
 def _start(sde, operator, y, shape, x_T, generator):
     if x_T is not None:
-        return x_T.clone()
-    if shape is None:
-        shape = operator.transpose(y).shape
-    return sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
+        x = x_T.clone()
+    else:
+        if shape is None:
+            shape = operator.transpose(y).shape
+        x = sde.prior_sampling(shape, generator=generator, device=y.device, dtype=y.dtype)
+    Ax = operator.forward(x)
+    try:
+        fits = torch.broadcast_shapes(tuple(y.shape), tuple(Ax.shape)) == tuple(Ax.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:  # else a broadcast error deep inside the first step
+        raise ValueError(f"y has shape {tuple(y.shape)}, but {operator!r} maps samples of shape {tuple(x.shape)} to "
+                         f"{tuple(Ax.shape)}: pass y = operator.measure(x0) of data x0 shaped like the samples "
+                         f"(shape= / x_T)")
+    return x
 
 
-def _check_common(steps, eps, operator):
+def _check_common(steps, eps, operator, sde):
     check_int("steps", steps)
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps (last sampling time) must be > 0, got {eps!r}")
+    if eps is not None and not 0 < eps < sde.T:
+        raise ValueError(f"eps (last sampling time) must satisfy 0 < eps < T={sde.T}, got {eps!r}")
     if not isinstance(operator, LinearOperator):
         raise ValueError(f"operator must be a sgm_lightning.inverse.operators.LinearOperator, got {type(operator).__name__}")
 
@@ -97,7 +108,7 @@ def dps_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Tensor, *,
     The approximation ignores Cov[x_0 | x_t], so even with the exact prior score DPS samples an
     approximation of p(x_0 | y) (exact as t -> 0, over-confident at large t).
     """
-    _check_common(steps, eps, operator)
+    _check_common(steps, eps, operator, sde)
     check_choice("guidance", guidance, GUIDANCE)
     check_positive("zeta", zeta)
     if guidance == "likelihood" and operator.sigma_y <= 0:
@@ -145,7 +156,7 @@ def replacement_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Te
     decoupled orthogonal colour basis (Song et al.'s colorization). At the end x0_hat replaces its
     observed part by A^+ y, so for noise-free masks the known pixels equal y exactly.
     """
-    _check_common(steps, eps, operator)
+    _check_common(steps, eps, operator, sde)
     _needs_pinv(operator, "replacement")
     check_positive("snr", snr)
     check_int("corrector_steps", corrector_steps, min=0)
@@ -203,7 +214,7 @@ def repaint_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Tensor
     times in all (``resamplings=1`` is plain masked ancestral sampling). At the end the observed
     part is set to A^+ y exactly.
     """
-    _check_common(steps, eps, operator)
+    _check_common(steps, eps, operator, sde)
     _needs_pinv(operator, "repaint")
     if jump_length > steps:
         raise ValueError(f"jump_length must be <= steps={steps}, got {jump_length!r}")
