@@ -2,13 +2,19 @@
 per-module tests do not reach: scalar data (B,), fixed-grid solvers, argument boundaries, operator
 shapes. Every check is against a closed form (diffused Gaussians) or an exact identity."""
 
+import contextlib
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
+from sgm_lightning.evaluation.inverse_tasks import restore_dataset_images
 from sgm_lightning.inverse import (BoxInpainting, GaussianBlur, Grayscale, Inpainting, MatrixOperator, dps_sample,
                                    repaint_sample, replacement_sample)
 from sgm_lightning.likelihood import log_likelihood
@@ -147,3 +153,18 @@ def test_operator_errors_name_the_fix():
         Grayscale().forward(torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="does not fit"):
         BoxInpainting((0, 0, 9, 2)).forward(torch.zeros(1, 3, 8, 8))
+
+
+def test_task_metrics_of_a_model_trained_on_0_1_images(tmp_path):
+    """sample.py mode=task on a data_range=[0,1] model: PSNR / SSIM were computed after mapping the
+    images from [-1, 1] to [0, 1] (differences halved: PSNR +6.02 dB) and outputs clipped to [-1, 1]."""
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    module = SimpleNamespace(device=torch.device("cpu"), score_model=None, sde=VPSDE(),
+                             hparams=SimpleNamespace(data_range="[0,1]"), ema_scope=lambda use: contextlib.nullcontext())
+    data = SimpleNamespace(setup=lambda stage: None, val_dataset=TensorDataset(images))
+    out = restore_dataset_images(module, data, task="superres", method="bicubic", num_images=3, steps=1, seed=0,
+                                 use_ema=False, out_dir=str(tmp_path), factor=2)
+    recon = F.interpolate(F.avg_pool2d(images, 2), size=(8, 8), mode="bicubic", align_corners=False).clamp(0, 1)
+    psnr = -10 * torch.log10((recon - images).pow(2).mean(dim=(1, 2, 3)))
+    summary = json.load(open(out["metrics"]))
+    torch.testing.assert_close(torch.tensor(summary["psnr"]), psnr, rtol=1e-4, atol=1e-4)

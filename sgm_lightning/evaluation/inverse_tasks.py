@@ -22,6 +22,7 @@ from sgm_lightning.inverse.operators import (AvgPoolDownsample, BoxInpainting, G
                                              HalfInpainting, LinearOperator, RandomInpainting)
 from sgm_lightning.inverse.solvers import dps_sample, repaint_sample, replacement_sample
 from sgm_lightning.inverse.sr3 import sr3_sample, upsample
+from sgm_lightning.training.data.ranges import range_bounds, to_unit
 from sgm_lightning.utils import check_choice
 
 TASKS = ("inpaint", "colorize", "superres", "deblur")
@@ -53,13 +54,15 @@ def make_operator(task: str, channels: int = 3, *, mask: str = "box", box=None, 
     return GaussianBlur(kernel_size=kernel_size, sigma=blur_sigma, padding=padding, sigma_y=sigma_y)
 
 
-def image_metrics(reconstruction: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image PSNR (dB) and SSIM (B,) of images in [-1, 1], computed on [0, 1] (data_range 1).
+def image_metrics(reconstruction: torch.Tensor, truth: torch.Tensor,
+                  data_range: str = "[-1,1]") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image PSNR (dB) and SSIM (B,) of images in ``data_range`` ("[-1,1]" or "[0,1]"), computed on
+    [0, 1] (data_range 1).
 
     SSIM's Gaussian window is 11 pixels, shrunk to the largest odd size that fits small images.
     """
-    p = ((reconstruction.float() + 1) / 2).clamp(0, 1)
-    q = ((truth.float() + 1) / 2).clamp(0, 1)
+    p = to_unit(reconstruction.float(), data_range).clamp(0, 1)
+    q = to_unit(truth.float(), data_range).clamp(0, 1)
     psnr = peak_signal_noise_ratio(p, q, data_range=1.0, reduction="none", dim=(1, 2, 3))
     k = min(11, min(p.shape[-2:]))
     k = k if k % 2 else k - 1
@@ -68,8 +71,8 @@ def image_metrics(reconstruction: torch.Tensor, truth: torch.Tensor) -> tuple[to
 
 
 def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: str, steps: int,
-                     generator: torch.Generator | None = None, **task_options) -> dict:
-    """Restore ``images`` (B, C, H, W in [-1, 1]) from their measurement with ``method``.
+                     generator: torch.Generator | None = None, data_range: str = "[-1,1]", **task_options) -> dict:
+    """Restore ``images`` (B, C, H, W in ``data_range``) from their measurement with ``method``.
 
     Args:
         score_model: a ``ScoreModel`` (its ``score`` is the prior score; differentiable for DPS).
@@ -82,6 +85,8 @@ def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: 
             upsampled measurement itself, no model).
         steps: number of solver steps.
         generator: randomness of the measurement noise and the solver.
+        data_range: the images' range, "[-1,1]" or "[0,1]" (the model's): outputs are clipped to it
+            and PSNR / SSIM computed on it mapped to [0, 1].
         task_options: operator options (mask, box, fraction, seed, side, weights, factor,
             kernel_size, blur_sigma, padding, sigma_y) and solver options (zeta, guidance, snr,
             corrector_steps, jump_length, resamplings, eps, denoise; for sr3: interpolation
@@ -94,6 +99,7 @@ def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: 
     """
     check_choice("task", task, TASKS)
     check_choice("method", method, METHODS)
+    lo, hi = range_bounds(data_range)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     op_kwargs = {k: v for k, v in task_options.items() if k in _OPERATOR_KEYS}
@@ -108,22 +114,22 @@ def run_inverse_task(score_model, sde, images: torch.Tensor, task: str, method: 
         x_cond = upsample(y, tuple(images.shape[-2:]), solver_kwargs.pop("interpolation", "bicubic"))
         sampler = solver_kwargs.pop("sampler", "ddpm")
         if method == "bicubic":
-            recon, nfe = x_cond.clamp(-1, 1), 0
+            recon, nfe = x_cond.clamp(lo, hi), 0
         else:
             with torch.no_grad():
                 result = sr3_sample(score_model, sde, x_cond, method=sampler, steps=steps, generator=generator,
                                     **solver_kwargs)
-            recon, nfe = result.samples.detach().clamp(-1, 1), result.nfe
+            recon, nfe = result.samples.detach().clamp(lo, hi), result.nfe
     else:
         result = _SOLVERS[method](score_model.score, sde, operator, y, steps=steps, shape=tuple(images.shape),
                                   generator=generator, **solver_kwargs)
-        recon, nfe = result.samples.detach().clamp(-1, 1), result.nfe
+        recon, nfe = result.samples.detach().clamp(lo, hi), result.nfe
     with torch.no_grad():
         degraded = operator.forward(images)
         shown_input = operator.pinv(degraded) if operator.has_pinv else degraded
         measurement = operator.to_image(y)
-    psnr, ssim = image_metrics(recon, images)
-    return {"reconstruction": recon, "measurement": measurement.clamp(-1, 1), "input": shown_input.clamp(-1, 1),
+    psnr, ssim = image_metrics(recon, images, data_range)
+    return {"reconstruction": recon, "measurement": measurement.clamp(lo, hi), "input": shown_input.clamp(lo, hi),
             "truth": images, "psnr": psnr, "ssim": ssim, "nfe": nfe, "task": task, "method": method,
             "operator": repr(operator)}
 
@@ -162,10 +168,10 @@ def restore_dataset_images(module, datamodule, *, task: str, method: str, num_im
     images, split = first_images(datamodule, num_images)
     images = images.to(module.device)
     g = torch.Generator(device=module.device).manual_seed(int(seed))
+    data_range, stem = module.hparams.data_range, os.path.join(out_dir, f"{task}_{method}")
     with module.ema_scope(use_ema):
         out = run_inverse_task(module.score_model, module.sde, images, task=task, method=method, steps=steps,
-                               generator=g, **task_options)
-    data_range, stem = module.hparams.data_range, os.path.join(out_dir, f"{task}_{method}")
+                               generator=g, data_range=data_range, **task_options)
     paths = {key: f"{stem}_{key}.png" for key in ("truth", "measurement", "reconstruction", "grid")}
     for key in ("truth", "measurement", "reconstruction"):
         save_image(samples_to_image(out[key], data_range=data_range), paths[key])
