@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
-from sgm_lightning.evaluation.inverse_tasks import restore_dataset_images
+from sgm_lightning.evaluation.inverse_tasks import image_metrics, restore_dataset_images
 from sgm_lightning.inverse import (BoxInpainting, GaussianBlur, Grayscale, Inpainting, MatrixOperator, dps_sample,
                                    repaint_sample, replacement_sample)
 from sgm_lightning.likelihood import log_likelihood
@@ -168,3 +168,19 @@ def test_task_metrics_of_a_model_trained_on_0_1_images(tmp_path):
     psnr = -10 * torch.log10((recon - images).pow(2).mean(dim=(1, 2, 3)))
     summary = json.load(open(out["metrics"]))
     torch.testing.assert_close(torch.tensor(summary["psnr"]), psnr, rtol=1e-4, atol=1e-4)
+
+
+def test_image_metrics_on_images_smaller_than_the_ssim_window():
+    """The SSIM window was meant to shrink to fit small images, but torchmetrics sizes a Gaussian window
+    by its std (11 pixels for 1.5), so images under 6 pixels failed in the reflect padding. A 1-pixel
+    window has no variance terms: SSIM = (2 p q + C1) / (p^2 + q^2 + C1), C1 = 0.01^2, on [0, 1] values."""
+    g = torch.Generator().manual_seed(0)
+    truth, recon = (torch.rand(2, 3, 1, 1, generator=g) * 2 - 1 for _ in range(2))
+    psnr, ssim = image_metrics(recon, truth)
+    p, q = (recon.double() + 1) / 2, (truth.double() + 1) / 2
+    want = ((2 * p * q + 1e-4) / (p**2 + q**2 + 1e-4)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ssim.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(psnr.double(), -10 * torch.log10((p - q).pow(2).mean(dim=(1, 2, 3))), rtol=1e-4, atol=1e-4)
+    for size in (2, 3, 5):
+        x = torch.rand(2, 1, size, size, generator=g) * 2 - 1
+        torch.testing.assert_close(image_metrics(x, x)[1], torch.ones(2))

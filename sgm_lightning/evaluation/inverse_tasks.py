@@ -59,14 +59,17 @@ def image_metrics(reconstruction: torch.Tensor, truth: torch.Tensor,
     """Per-image PSNR (dB) and SSIM (B,) of images in ``data_range`` ("[-1,1]" or "[0,1]"), computed on
     [0, 1] (data_range 1).
 
-    SSIM's Gaussian window is 11 pixels, shrunk to the largest odd size that fits small images.
+    SSIM's Gaussian window is 11 pixels with std 1.5 (Wang et al. 2004), shrunk to the largest odd size k
+    that fits small images, with std 1.5 k / 11 (torchmetrics sizes a Gaussian window by its std alone:
+    2 int(3.5 std + 0.5) + 1 pixels, and ignores ``kernel_size``).
     """
     p = to_unit(reconstruction.float(), data_range).clamp(0, 1)
     q = to_unit(truth.float(), data_range).clamp(0, 1)
     psnr = peak_signal_noise_ratio(p, q, data_range=1.0, reduction="none", dim=(1, 2, 3))
     k = min(11, min(p.shape[-2:]))
     k = k if k % 2 else k - 1
-    ssim = structural_similarity_index_measure(p, q, data_range=1.0, kernel_size=k, reduction="none")
+    ssim = structural_similarity_index_measure(p, q, data_range=1.0, kernel_size=k, sigma=1.5 * k / 11,
+                                               reduction="none")
     return psnr, ssim
 
 
