@@ -22,6 +22,8 @@ accepts.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -43,8 +45,10 @@ def _labels(y, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_scale(scale) -> float:
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale:
-        raise ValueError(f"scale (guidance weight) must be a real number (0 = unconditional), got {scale!r}")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype != torch.bool and not scale.is_complex():
+        scale = scale.item()
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale (guidance weight) must be a finite real number (0 = unconditional), got {scale!r}")
     return float(scale)
 
 

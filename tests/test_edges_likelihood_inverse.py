@@ -7,6 +7,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from conftest import make_sdes
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.evaluation.inverse_tasks import image_metrics, restore_dataset_images
+from sgm_lightning.guidance import cfg_score_fn, classifier_guidance_score_fn
 from sgm_lightning.inverse import (BoxInpainting, GaussianBlur, Grayscale, Inpainting, MatrixOperator, dps_sample,
                                    repaint_sample, replacement_sample)
 from sgm_lightning.likelihood import log_likelihood
@@ -101,6 +103,36 @@ def test_encode_decode_reject_bad_eps_and_steps():
                 fn(f, sde, x, solver="euler", steps=steps)
         with pytest.raises(ValueError, match="floating-point"):
             fn(f, sde, x.long())
+
+
+# ----------------------------------------------------------------------------- guidance
+class _ClassGaussians:
+    """Class k: N(m_k, I) diffused by ``sde`` (score -(x - alpha m_k) / (alpha^2 + sigma^2)); class 2 is null."""
+
+    def __init__(self, sde):
+        self.sde, self.means = sde, torch.tensor([[1.0, -1.0], [-2.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+
+    def score(self, x, t, y):
+        a, s = self.sde.marginal_coeffs(t)
+        return -(x - a[:, None] * self.means[y]) / (a**2 + s**2)[:, None]
+
+
+def test_guidance_scale_accepts_numpy_and_tensor_scalars_refuses_infinity():
+    """A numpy or 0-dim tensor guidance weight (e.g. from a sweep) used to be refused as 'not a real
+    number'; an infinite weight made every score -inf / nan."""
+    sde = VPSDE()
+    model = _ClassGaussians(sde)
+    x, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    s_c, s_u = model.score(x, t, y), model.score(x, t, torch.full_like(y, 2))
+    want = s_u + 3.0 * (s_c - s_u)
+    for w in (3.0, np.float32(3.0), np.int64(3), torch.tensor(3.0)):
+        assert torch.equal(cfg_score_fn(model, y, w, null_label=2)(x, t), want)
+    for w in (float("inf"), float("nan"), True, torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="scale"):
+            cfg_score_fn(model, y, w, null_label=2)
+        with pytest.raises(ValueError, match="scale"):
+            classifier_guidance_score_fn(lambda x, t: x, lambda x, t: x, 0, scale=w)
 
 
 # ----------------------------------------------------------------------------- inverse problems
