@@ -87,8 +87,11 @@ def cfg_score_fn(model, y, scale: float, null_label: int, batched: bool = True) 
 
 
 def classifier_log_prob_grad(classifier, x: torch.Tensor, label: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """grad_x log p_phi(y | x, label) by autograd (log_softmax of ``classifier(x, label)`` logits)."""
-    with torch.enable_grad():
+    """grad_x log p_phi(y | x, label) by autograd (log_softmax of ``classifier(x, label)`` logits); also
+    under ``torch.no_grad`` / ``torch.inference_mode`` (it leaves them, with copies of its inputs)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        if any(isinstance(v, torch.Tensor) and v.is_inference() for v in (x, label, y)):  # not saved for backward
+            x, label, y = (v.clone() if isinstance(v, torch.Tensor) else v for v in (x, label, y))
         xg = x.detach().requires_grad_(True)
         logits = classifier(xg, label)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:

@@ -94,7 +94,8 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         score_fn: ``score_fn(x, t)`` -> grad_x log p_t(x), with t of shape (B,) in x's dtype; must be
             differentiable in x and treat examples independently.
         sde: the forward process (supplies the ODE drift via ``sde.reverse_drift`` and the prior).
-        x: data (B, ...), floating point; everything runs on its device and in its dtype.
+        x: data (B, ...), floating point; everything runs on its device and in its dtype. Works under
+            ``torch.inference_mode`` too (the solve leaves it, as the divergence needs autograd).
         trace: "exact" (autograd over every dimension) or "hutchinson".
         generator: source of the Hutchinson probes.
         eps: start time (default ``sde.default_eps``).
@@ -106,6 +107,10 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         **solver_options: passed to ``odeint`` as ``options`` (e.g. ``step_size=`` for fixed-step methods);
             ``method=`` (torchdiffeq's name) is accepted as an alias of ``solver``.
     """
+    if torch.is_inference_mode_enabled():  # e.g. a Lightning test / predict step: autograd is off there
+        with torch.inference_mode(False):
+            return log_likelihood(score_fn, sde, x.clone(), trace, generator, eps, probe, n_probes, solver, rtol, atol,
+                                  steps, **solver_options)
     if "method" in solver_options:
         solver = solver_options.pop("method")
     check_choice("trace", trace, ("exact", "hutchinson"))

@@ -98,16 +98,21 @@ def dps_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Tensor, *,
 
     At every step, x0_hat(x_t) = (x_t + sigma_t^2 s(x_t, t)) / alpha_t (Tweedie) and the measurement
     likelihood is approximated by p(y | x_t) ~= p(y | x_0 = x0_hat(x_t)) (Chung et al. 2023, Eq. 16),
-    whose gradient is taken through ``score_fn`` by autograd (``score_fn`` must be differentiable
-    in x; call under ``torch.no_grad`` is fine, under ``torch.inference_mode`` it is not).
+    whose gradient is taken through ``score_fn`` by autograd (``score_fn`` must be differentiable in x).
 
     ``guidance="normalized"`` (the paper's Alg. 1 with zeta_i = zeta / ||y - A x0_hat||):
         x_s = ancestral_step(x_t, x0_hat) - zeta grad_{x_t} ||y - A x0_hat(x_t)||.
     ``guidance="likelihood"`` (Eq. 16 in score form, needs sigma_y > 0): the guided score
         s + grad_{x_t} [-||y - A x0_hat||^2 / (2 sigma_y^2)] drives the ancestral step (zeta unused).
     The approximation ignores Cov[x_0 | x_t], so even with the exact prior score DPS samples an
-    approximation of p(x_0 | y) (exact as t -> 0, over-confident at large t).
+    approximation of p(x_0 | y) (exact as t -> 0, over-confident at large t). Under ``torch.inference_mode``
+    the sampler leaves it (the guidance needs autograd).
     """
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return dps_sample(score_fn, sde, operator, y.clone(), steps=steps, zeta=zeta, guidance=guidance, eps=eps,
+                              shape=shape, x_T=None if x_T is None else x_T.clone(), generator=generator,
+                              denoise=denoise)
     _check_common(steps, eps, operator, sde)
     check_choice("guidance", guidance, GUIDANCE)
     check_positive("zeta", zeta)
