@@ -248,5 +248,10 @@ def test_autograd_parts_work_under_inference_mode():
         with torch.inference_mode():
             got = run()
         assert torch.equal(got, want), name
+    # A^T of the reflect-padded blur is a vector-Jacobian product: also under inference mode
+    blur, img = GaussianBlur(3, 1.0), torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    want = blur.transpose(img)
+    with torch.inference_mode():
+        assert torch.equal(blur.transpose(img), want)
     # guidance with the exact classifier at scale 1 is the conditional score (Bayes)
     torch.testing.assert_close(runs["guided"](), model.score(x, t, y))

@@ -324,7 +324,8 @@ class GaussianBlur(LinearOperator):
         p = self.kernel_size // 2
         if self.padding == "zeros":
             return F.conv_transpose2d(y, self.kernel(y), padding=p, groups=y.shape[1])
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # also under no_grad / inference_mode
+            y = y.clone() if y.is_inference() else y
             x = torch.zeros_like(y, requires_grad=True)
             (g,) = torch.autograd.grad(self.forward(x), x, grad_outputs=y)
         return g
