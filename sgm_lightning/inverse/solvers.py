@@ -168,7 +168,7 @@ def replacement_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Te
     score = CountingScore(score_fn)
     eps = sde.default_eps if eps is None else float(eps)
     x = _start(sde, operator, y, shape, x_T, generator)
-    known0 = operator.pinv(y)
+    known0 = operator.pinv(y).expand(x.shape)  # a measurement broadcast over the samples: noise per sample
     ts = time_grid(sde.T, eps, steps + 1, device=x.device)
     for i in range(steps):
         t, s = batch_time(ts[i], x), batch_time(ts[i + 1], x)
@@ -226,7 +226,7 @@ def repaint_sample(score_fn, sde: SDE, operator: LinearOperator, y: torch.Tensor
     score = CountingScore(score_fn)
     eps = sde.default_eps if eps is None else float(eps)
     x = _start(sde, operator, y, shape, x_T, generator)
-    known0 = operator.pinv(y)
+    known0 = operator.pinv(y).expand(x.shape)  # a measurement broadcast over the samples: noise per sample
     ts = time_grid(sde.T, eps, steps + 1, device=x.device)  # ts[steps - k] is the time of level k
     levels = repaint_schedule(steps, jump_length, resamplings)
     for k_from, k_to in zip(levels[:-1], levels[1:]):
