@@ -90,12 +90,13 @@ def test_encode_and_interpolate_scalar_data(name):
 
 
 def test_encode_decode_reject_bad_eps_and_steps():
-    """eps outside (0, T) used to run the ODE over a wrong interval (eps=2 "encoded" towards t=2, eps=-1
-    through negative times) and steps=0 / 1.5 failed deep inside the grid code."""
+    """eps outside [0, T) (log_likelihood's range: its z is the same latent) used to run the ODE over a
+    wrong interval (eps=2 "encoded" towards t=2, eps=-1 through negative times) and steps=0 / 1.5 failed
+    deep inside the grid code."""
     sde = VPSDE()
     f, x = GM2.score_fn(sde), GM2.sample(3, generator=torch.Generator().manual_seed(0))
     for fn in (encode, decode):
-        for eps in (2.0, 1.0, -1.0, 0.0):
+        for eps in (2.0, 1.0, -1.0, -1e-3):
             with pytest.raises(ValueError, match="eps"):
                 fn(f, sde, x, eps=eps)
         for steps in (0, 1.5):
@@ -103,6 +104,8 @@ def test_encode_decode_reject_bad_eps_and_steps():
                 fn(f, sde, x, solver="euler", steps=steps)
         with pytest.raises(ValueError, match="floating-point"):
             fn(f, sde, x.long())
+    z = log_likelihood(f, sde, x, eps=0.0, trace="exact", rtol=1e-8, atol=1e-8).z
+    torch.testing.assert_close(encode(f, sde, x, eps=0.0, rtol=1e-8, atol=1e-8).samples, z, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -35,9 +35,9 @@ def _flow(score_fn, sde: SDE, x: torch.Tensor, forward: bool, eps: float | None,
         raise ValueError(f"the {'data' if forward else 'latents'} must be a floating-point tensor of shape (B, ...), "
                          f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     eps = sde.default_eps if eps is None else eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
-        raise ValueError(f"eps (the data end of the ODE, as for sample) must be a number with 0 < eps < T={sde.T}, "
-                         f"got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < sde.T:
+        raise ValueError(f"eps (the data end of the ODE, as for log_likelihood) must be a number with "
+                         f"0 <= eps < T={sde.T}, got {eps!r}")
     n = check_int("steps (fixed-grid solvers)", steps) if is_fixed_grid(solver) else 1
     times = make_grid(grid, sde, eps, n + 1, device=x.device)
     if forward:
