@@ -4,7 +4,6 @@ shapes. Every check is against a closed form (diffused Gaussians) or an exact id
 
 import contextlib
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,8 +16,9 @@ from conftest import make_sdes
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.evaluation.inverse_tasks import image_metrics, restore_dataset_images
 from sgm_lightning.guidance import cfg_score_fn, classifier_guidance_score_fn
-from sgm_lightning.inverse import (BoxInpainting, GaussianBlur, Grayscale, Inpainting, MatrixOperator, dps_sample,
-                                   repaint_sample, replacement_sample)
+from sgm_lightning.inverse import (AvgPoolDownsample, BoxInpainting, GaussianBlur, Grayscale, Inpainting,
+                                   MatrixOperator, dps_sample, repaint_sample, replacement_sample)
+from sgm_lightning.inverse.sr3 import downsample
 from sgm_lightning.likelihood import log_likelihood
 from sgm_lightning.sampling import decode, encode, interpolate
 from sgm_lightning.sde import VPSDE
@@ -202,6 +202,10 @@ def test_operator_errors_name_the_fix():
         Grayscale().forward(torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="does not fit"):
         BoxInpainting((0, 0, 9, 2)).forward(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="7x7: crop or resize the images to multiples of 2"):
+        AvgPoolDownsample(2).forward(torch.zeros(1, 3, 7, 7))
+    with pytest.raises(ValueError, match="7x8: crop or resize the images to multiples of 2"):
+        downsample(torch.zeros(1, 3, 7, 8), 2)
 
 
 def test_task_metrics_of_a_model_trained_on_0_1_images(tmp_path):

@@ -261,7 +261,8 @@ class AvgPoolDownsample(LinearOperator):
         _check_image(x)
         H, W = x.shape[-2:]
         if H % self.factor or W % self.factor:
-            raise ValueError(f"factor={self.factor} must divide the image size {H}x{W}")
+            raise ValueError(f"factor={self.factor} must divide the image size {H}x{W}: crop or resize the images to "
+                             f"multiples of {self.factor}")
         return F.avg_pool2d(x, self.factor)
 
     def pinv(self, y):

@@ -33,7 +33,8 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "area") -> torch.Tensor
     check_choice("downsample", mode, DOWNSAMPLE_MODES)
     H, W = x.shape[-2:]
     if H % factor or W % factor:
-        raise ValueError(f"factor={factor} must divide the image size {H}x{W}")
+        raise ValueError(f"factor={factor} must divide the image size {H}x{W}: crop or resize the images to "
+                         f"multiples of {factor}")
     if mode == "area":
         return F.avg_pool2d(x, factor)
     return F.interpolate(x, size=(H // factor, W // factor), mode=mode, align_corners=False, antialias=True)
