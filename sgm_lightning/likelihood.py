@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torchdiffeq import odeint
 
+from sgm_lightning.samplers.common import CountingScore
 from sgm_lightning.samplers.ode import FIXED_GRID_SOLVERS
 from sgm_lightning.samplers.ode import TORCHDIFFEQ_SOLVERS as ODE_SOLVERS
 from sgm_lightning.sde import SDE
@@ -147,12 +148,7 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     if trace == "hutchinson":
         draw = rademacher_like if probe == "rademacher" else randn_like
         probes = torch.stack([draw(x, generator) for _ in range(int(n_probes))])
-    nfe = 0
-
-    def counted_score(xt, tt):
-        nonlocal nfe
-        nfe += 1
-        return score_fn(xt, tt)
+    counted_score = CountingScore(score_fn)  # counts the NFE, checks that the score is shaped like x
 
     def func(t, state):
         xt = state[0]
@@ -171,7 +167,7 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     xs, deltas = odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver, options=solver_options or None)
     z, delta = xs[-1], deltas[-1]
     prior = sde.prior_logp(z)
-    return LikelihoodResult(nll=-(prior + delta), nfe=nfe, prior_logp=prior, delta_logp=delta, z=z)
+    return LikelihoodResult(nll=-(prior + delta), nfe=counted_score.nfe, prior_logp=prior, delta_logp=delta, z=z)
 
 
 # --------------------------------------------------------------------------- images

@@ -66,6 +66,14 @@ def test_likelihood_fixed_grid_solvers_take_steps():
         log_likelihood(f, sde, x, solver="rk4", steps=10, step_size=0.1)
 
 
+
+def test_likelihood_refuses_a_score_of_another_shape():
+    """A (B, 1) score for (B, 2) data used to broadcast into the drift and give a finite, wrong NLL."""
+    sde, x = VPSDE(), GM2.sample(3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"shaped like x \(3, 2\), got \(3, 1\)"):
+        log_likelihood(lambda x, t: -x.sum(1, keepdim=True), sde, x, trace="exact")
+
+
 # ----------------------------------------------------------------------------- encode / decode
 def _gaussian_flow(sde, x, mu, var, t_from, t_to):
     """The probability-flow map of N(mu, var I) data between two times: an affine map, since p_t stays
