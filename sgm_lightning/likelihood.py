@@ -112,35 +112,13 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         with torch.inference_mode(False):
             return log_likelihood(score_fn, sde, x.clone(), trace, generator, eps, probe, n_probes, solver, rtol, atol,
                                   steps, **solver_options)
-    if "method" in solver_options:
-        solver = solver_options.pop("method")
-    check_choice("trace", trace, ("exact", "hutchinson"))
-    check_choice("probe", probe, ("rademacher", "gaussian"))
-    check_choice("solver", solver, ODE_SOLVERS)
-    check_int("n_probes", n_probes)
-    check_positive("rtol", rtol)
-    check_positive("atol", atol)
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating-point tensor of shape (B, ...), got "
                          f"{getattr(x, 'dtype', type(x).__name__)}; dequantize integer images first")
     if x.ndim < 1:
         raise ValueError("x must have shape (B, ...) (a batch of examples), got a 0-dim tensor")
-    eps = sde.default_eps if eps is None else float(eps)
-    if not 0.0 <= eps < sde.T:
-        raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps!r}")
-    grid_options = {"step_size", "grid_constructor"} & set(solver_options)
-    if steps is not None:
-        if solver not in FIXED_GRID_SOLVERS:
-            raise ValueError(f"steps applies to the fixed-grid solvers ({', '.join(FIXED_GRID_SOLVERS)}); "
-                             f"solver={solver!r} is adaptive: set rtol/atol instead, or pass solver='rk4'")
-        n = check_int("steps", steps)
-        if grid_options:
-            raise ValueError(f"pass either steps or {' / '.join(sorted(grid_options))}, not both")
-        solver_options["grid_constructor"] = lambda f, y0, t: torch.linspace(t[0], t[-1], n + 1, dtype=t.dtype,
-                                                                             device=t.device)
-    elif solver in FIXED_GRID_SOLVERS and not grid_options:
-        raise ValueError(f"solver={solver!r} is a fixed-grid method and would take one step over [eps, T]: "
-                         f"pass steps=N (N uniform steps) or step_size=...")
+    solver, eps, solver_options = _checked_options(sde, trace, eps, probe, n_probes, solver, rtol, atol, steps,
+                                                   solver_options)
 
     x = x.detach()
     B = x.shape[0]
@@ -168,6 +146,49 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     z, delta = xs[-1], deltas[-1]
     prior = sde.prior_logp(z)
     return LikelihoodResult(nll=-(prior + delta), nfe=counted_score.nfe, prior_logp=prior, delta_logp=delta, z=z)
+
+
+def check_likelihood_options(**options) -> None:
+    """Raise the ValueError that ``log_likelihood(..., **options)`` would raise for these keyword options
+    (solver, steps, tolerances, trace, probes), without a model or data: callbacks check at construction."""
+    known = ("trace", "eps", "probe", "n_probes", "solver", "rtol", "atol", "steps")
+    kw = {k: options.pop(k) for k in known if k in options}
+    kw.setdefault("solver", "dopri5")
+    _checked_options(None, kw.get("trace", "hutchinson"), kw.get("eps"), kw.get("probe", "rademacher"),
+                     kw.get("n_probes", 1), kw["solver"], kw.get("rtol", 1e-5), kw.get("atol", 1e-5), kw.get("steps"),
+                     options)
+
+
+def _checked_options(sde: SDE | None, trace, eps, probe, n_probes, solver, rtol, atol, steps,
+                     solver_options: dict) -> tuple[str, float | None, dict]:
+    """Validate ``log_likelihood``'s options; returns (solver, eps, odeint options). ``sde=None``: eps unchecked."""
+    solver_options = dict(solver_options)
+    if "method" in solver_options:
+        solver = solver_options.pop("method")
+    check_choice("trace", trace, ("exact", "hutchinson"))
+    check_choice("probe", probe, ("rademacher", "gaussian"))
+    check_choice("solver", solver, ODE_SOLVERS)
+    check_int("n_probes", n_probes)
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    if sde is not None:
+        eps = sde.default_eps if eps is None else float(eps)
+        if not 0.0 <= eps < sde.T:
+            raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps!r}")
+    grid_options = {"step_size", "grid_constructor"} & set(solver_options)
+    if steps is not None:
+        if solver not in FIXED_GRID_SOLVERS:
+            raise ValueError(f"steps applies to the fixed-grid solvers ({', '.join(FIXED_GRID_SOLVERS)}); "
+                             f"solver={solver!r} is adaptive: set rtol/atol instead, or pass solver='rk4'")
+        n = check_int("steps", steps)
+        if grid_options:
+            raise ValueError(f"pass either steps or {' / '.join(sorted(grid_options))}, not both")
+        solver_options["grid_constructor"] = lambda f, y0, t: torch.linspace(t[0], t[-1], n + 1, dtype=t.dtype,
+                                                                             device=t.device)
+    elif solver in FIXED_GRID_SOLVERS and not grid_options:
+        raise ValueError(f"solver={solver!r} is a fixed-grid method and would take one step over [eps, T]: "
+                         f"pass steps=N (N uniform steps) or step_size=...")
+    return solver, eps, solver_options
 
 
 # --------------------------------------------------------------------------- images

@@ -222,3 +222,16 @@ def test_evaluate_writes_npz_and_matches_the_callback(tmp_path):
     with np.load(res["samples_path"]) as z:
         assert z["images"].shape == (64, 4, 4, 1) and z["images"].dtype == np.uint8
         assert json.loads(str(z["settings"]))["seed"] == 0
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"solver": "rk4"}, "steps=N"),                        # a fixed-grid solver would take one step over [eps, T]
+    ({"solver": "dopri5", "steps": 10}, "adaptive"),
+    ({"solver": "not_a_solver"}, "solver"),
+    ({"rtol": -1.0}, "rtol"),
+])
+def test_likelihood_callback_checks_its_solver_options_at_construction(options, match):
+    from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
+    with pytest.raises(ValueError, match=match):
+        LikelihoodCallback(every_n_steps=2, solver_options=options)
+    LikelihoodCallback(every_n_steps=2, solver_options={"solver": "rk4", "steps": 4})  # a valid grid is accepted

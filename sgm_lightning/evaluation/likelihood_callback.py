@@ -16,7 +16,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from sgm_lightning.evaluation.periodic import PeriodicEvaluation
-from sgm_lightning.likelihood import bits_per_dim, dequantize, log_likelihood
+from sgm_lightning.likelihood import bits_per_dim, check_likelihood_options, dequantize, log_likelihood
 from sgm_lightning.evaluation.reference import batch_images
 from sgm_lightning.training.data.ranges import range_bounds
 from sgm_lightning.utils import check_choice, check_int, num_dims
@@ -84,6 +84,7 @@ class LikelihoodCallback(PeriodicEvaluation):
         self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
         self.prog_bar_key = "bpd"
         self.solver_options = dict(solver_options or {})
+        check_likelihood_options(trace=trace, **self.solver_options)  # fail here, not at the first evaluation
         self.history: list[tuple[int, float]] = []
         self._last_step = -1
 
