@@ -49,12 +49,18 @@ class GroupNorm(nn.GroupNorm):
     back: twice the memory traffic of the bf16 / fp16 path in the eager step. Normalizing in float32
     and casting the result to the input's dtype keeps the statistics exact and the rest of the block
     in half precision (the same casts as before: one in, one out). In float32 training both casts are
-    no-ops and the result equals ``nn.GroupNorm``'s bitwise; parameters and state-dict keys are
-    ``nn.GroupNorm``'s."""
+    no-ops and the result equals ``nn.GroupNorm``'s bitwise; a float64 network (``.double()``)
+    normalizes in float64, a bf16 / fp16 one (``.to(torch.bfloat16)``) in float32; parameters and
+    state-dict keys are ``nn.GroupNorm``'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it)
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it).
+        # At least float32: a float64 network normalizes in float64, and the affine parameters are cast
+        # to that dtype (group_norm refuses bf16 / fp16 parameters with a float32 input).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, num_groups: int) -> GroupNorm:
