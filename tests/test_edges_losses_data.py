@@ -68,3 +68,24 @@ def test_python_number_and_integer_times_keep_float64_precision(prediction):
             assert all(torch.equal(a, b) for a, b in zip(got, ref)), (type(sde).__name__, t)
         eps = torch.randn_like(x)
         assert torch.equal(model.target(x, eps, 0.1), model.target(x, eps, torch.full((3,), 0.1, dtype=torch.float64)))
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_ncsn_ladder_outside_the_sdes_range_is_refused():
+    """A level the SDE cannot reach used to be clipped silently (``loss.sigmas`` said 100, the loss used 50)."""
+    from sgm_lightning.losses import NCSNLoss
+    from sgm_lightning.sde import VESDE, VPSDE
+    ve = VESDE(sigma_min=0.01, sigma_max=50.0)
+    for sde, kw in ((ve, dict(sigma_max=100.0)), (ve, dict(sigma_min=1e-3)), (VPSDE(), dict(sigma_max=1e3))):
+        with pytest.raises(ValueError, match=r"range .*choose sigma_min and sigma_max"):
+            NCSNLoss(sde, **kw)
+    loss = NCSNLoss(ve, sigma_min=0.05, sigma_max=50.0, num_scales=4)  # inside the range: exact levels
+    torch.testing.assert_close(ve.noise_to_signal(loss.times), loss.sigmas, rtol=1e-12, atol=0.0)
+
+
+def test_importance_sampling_grid_needs_two_points():
+    """grid_size=1 made the tabulated normaliser 0 and the loss ~1e-16 whatever the network."""
+    from sgm_lightning.losses import DSMLoss
+    from sgm_lightning.sde import VPSDE
+    with pytest.raises(ValueError, match="grid_size must be an integer >= 2"):
+        DSMLoss(VPSDE(), weighting="likelihood", importance_sampling=True, grid_size=1)
