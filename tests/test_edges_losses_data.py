@@ -89,3 +89,61 @@ def test_importance_sampling_grid_needs_two_points():
     from sgm_lightning.sde import VPSDE
     with pytest.raises(ValueError, match="grid_size must be an integer >= 2"):
         DSMLoss(VPSDE(), weighting="likelihood", importance_sampling=True, grid_size=1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_image_folder_16_bit_and_grey_alpha_images(tmp_path):
+    """16-bit grey PNGs (Pillow mode I;16) were clipped to white by convert("L"); grey + alpha (LA)
+    images were detected as RGB."""
+    from PIL import Image
+
+    from sgm_lightning.training.data.hub import HFImageDataModule
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
+    grey = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+    for name, image in (("wide", Image.fromarray(wide)), ("la", Image.fromarray(np.stack([grey, grey // 2], -1), "LA"))):
+        (tmp_path / name).mkdir()
+        image.save(tmp_path / name / "0.png")
+        assert Image.open(tmp_path / name / "0.png").mode == ("I;16" if name == "wide" else "LA")
+    dm = HFImageDataModule(name="imagefolder", root=str(tmp_path / "wide"), batch_size=1, cache_dir=str(tmp_path / "c"))
+    assert dm.data_shape == (1, 6, 6)
+    dm.setup()
+    torch.testing.assert_close(dm.train_dataset[0][0][0], torch.from_numpy(wide / 65535.0 * 2 - 1).float())
+    rgb = HFImageDataModule(name="imagefolder", root=str(tmp_path / "wide"), batch_size=1, channels=3,
+                            image_size=3, cache_dir=str(tmp_path / "c"), data_range="[0,1]")
+    rgb.setup()
+    x = rgb.train_dataset[0][0]  # bicubic 6 -> 3 in float32, clamped to the range, grey in every channel
+    assert x.shape == (3, 3, 3) and x.min() >= 0 and x.max() <= 1 and torch.equal(x[0], x[2])
+    torch.testing.assert_close(x[0].mean(), torch.tensor(wide.mean() / 65535.0, dtype=torch.float32), atol=0.05, rtol=0)
+    la = HFImageDataModule(name="imagefolder", root=str(tmp_path / "la"), batch_size=1, cache_dir=str(tmp_path / "c"))
+    assert la.data_shape == (1, 6, 6)
+    la.setup()
+    torch.testing.assert_close(la.train_dataset[0][0][0], torch.from_numpy(grey / 255.0 * 2 - 1).float())
+
+
+def test_parquet_folder(tmp_path, monkeypatch):
+    """name=parquet root=DIR reads DIR's Parquet files (it used to run load_dataset("parquet") on the
+    working directory and fail on the repository's files)."""
+    import datasets
+    from PIL import Image
+
+    from sgm_lightning.training.data.hub import HFImageDataModule
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (4, 4), dtype=np.uint8) for _ in range(6)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": [i % 3 for i in range(6)]},
+                                    features=feats)
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("not a parquet file")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    dm = HFImageDataModule(name="parquet", root=str(tmp_path / "pq"), batch_size=2, cache_dir=str(tmp_path / "c"))
+    assert dm.data_shape == (1, 4, 4) and dm.num_classes == 3
+    dm.setup()
+    x, y = dm.train_dataset[4]
+    assert torch.equal(x[0], torch.as_tensor(pixels[4], dtype=torch.float32) / 255 * 2 - 1) and y == 1
+    with pytest.raises(ValueError, match="needs root=DIR"):
+        HFImageDataModule(name="parquet", batch_size=2)
+    with pytest.raises(ValueError, match=r"no parquet files \(\.parquet\)"):
+        HFImageDataModule(name="parquet", root=str(tmp_path / "elsewhere"), batch_size=2).setup()
