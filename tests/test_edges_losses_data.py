@@ -147,3 +147,31 @@ def test_parquet_folder(tmp_path, monkeypatch):
         HFImageDataModule(name="parquet", batch_size=2)
     with pytest.raises(ValueError, match=r"no parquet files \(\.parquet\)"):
         HFImageDataModule(name="parquet", root=str(tmp_path / "elsewhere"), batch_size=2).setup()
+
+
+def test_map_datamodule_numpy_uint8_palette_and_16_bit_items():
+    """Every item kind lands in data_range: numpy float arrays used to skip ``input_range`` (kept in [0, 1]),
+    uint8 tensors / arrays were read as [0, 1] values (-> [-1, 509]), palette images gave palette indices
+    and 16-bit images their low bytes."""
+    from PIL import Image
+
+    from sgm_lightning.training.data.hub import MapDataModule
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (4, 4), dtype=np.uint16)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255  # the intended image in [0, 1]
+    items = {
+        "numpy float": (chw.numpy(), chw),
+        "numpy uint8": (rgb.transpose(2, 0, 1).copy(), chw),
+        "tensor uint8": (torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), chw),
+        "palette": (Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=256), None),
+        "16 bit": (Image.fromarray(wide), torch.from_numpy(wide / 65535.0).float()[None]),
+    }
+    for name, (item, want) in items.items():
+        dm = MapDataModule(dataset=[(item, 0)] * 2, batch_size=2)
+        dm.setup()
+        x, _ = dm.train_dataset[0]
+        if name == "palette":
+            want = torch.from_numpy(np.array(item.convert("RGB"))).permute(2, 0, 1).float() / 255
+        assert x.dtype == torch.float32 and dm.data_shape == tuple(want.shape), name
+        torch.testing.assert_close(x, want * 2 - 1, rtol=0, atol=1e-6, msg=name)

@@ -311,8 +311,9 @@ class HFImageDataModule(BaseDataModule):
 class MapDataModule(BaseDataModule):
     """Any map-style ``torch.utils.data.Dataset`` (e.g. a torchvision dataset built by Hydra).
 
-    Items may be ``(x, y)`` pairs or bare ``x``; ``x`` a tensor (values in ``input_range``) or a PIL
-    image (uint8); ``y`` missing -> -1.
+    Items may be ``(x, y)`` pairs or bare ``x``; ``x`` a tensor or numpy array (values in ``input_range``;
+    uint8 ones are pixel intensities 0..255, as torchvision's ``read_image`` / ``PILToTensor`` give) or a
+    PIL image (uint8); ``y`` missing -> -1.
 
     Args:
         dataset: training dataset.
@@ -320,7 +321,8 @@ class MapDataModule(BaseDataModule):
         data_shape: shape of one example (default: inferred from the first item).
         num_classes: number of classes (None: unconditional / unknown).
         dataset_id: cache key for reference statistics (default: the dataset's class name and shape).
-        input_range: range of tensor items, "[0,1]" (torchvision ToTensor) or "[-1,1]"; None: keep as is.
+        input_range: range of float tensor / array items, "[0,1]" (torchvision ToTensor) or "[-1,1]";
+            None: keep as is.
         loader_options: as for :class:`HFImageDataModule` (batch_size 128, val_fraction 0 by default).
     """
 
@@ -354,6 +356,19 @@ class MapDataModule(BaseDataModule):
         return self._split(train)
 
 
+def _pil_native(image) -> torch.Tensor:
+    """PIL image -> float32 (C, H, W) in [0, 1] with its own channels (L, LA, RGB, RGBA); other modes
+    are converted first (palette -> RGB / RGBA, "1" -> L, CMYK / YCbCr -> RGB; 16-bit grey scaled by 1/65535)."""
+    if _is_16bit(image.mode):
+        return pil_to_tensor(image, 1, None, False)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("L" if is_grey(image.mode) else "RGB")
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+    return (x[None] if x.ndim == 2 else x.permute(2, 0, 1)).to(torch.float32) / 255.0
+
+
 class _MapView(Dataset):
     """``(x, y)`` items of any map-style dataset, x float32 in ``data_range``, y int (-1 if absent)."""
 
@@ -366,12 +381,12 @@ class _MapView(Dataset):
     def __getitem__(self, i: int):
         item = self.dataset[i]
         x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, NO_LABEL)
-        if not isinstance(x, torch.Tensor):
-            if hasattr(x, "convert"):  # PIL image: uint8 pixels
-                x = torch.from_numpy(np.array(x, dtype=np.uint8, copy=True))
-                x = from_unit((x[None] if x.ndim == 2 else x.permute(2, 0, 1)).to(torch.float32) / 255.0, self.data_range)
-            else:
-                x = torch.as_tensor(x, dtype=torch.float32)
-        elif self.input_range is not None:
-            x = from_unit(to_unit(x.to(torch.float32), self.input_range), self.data_range)
+        if hasattr(x, "convert"):  # PIL image
+            x = from_unit(_pil_native(x), self.data_range)
+        else:  # tensors, numpy arrays (same layout, same ranges), lists
+            x = torch.as_tensor(x)
+            if x.dtype == torch.uint8:  # pixel intensities 0..255
+                x = from_unit(x.to(torch.float32) / 255.0, self.data_range)
+            elif self.input_range is not None:
+                x = from_unit(to_unit(x.to(torch.float32), self.input_range), self.data_range)
         return x.to(torch.float32), int(y)
