@@ -175,3 +175,20 @@ def test_map_datamodule_numpy_uint8_palette_and_16_bit_items():
             want = torch.from_numpy(np.array(item.convert("RGB"))).permute(2, 0, 1).float() / 255
         assert x.dtype == torch.float32 and dm.data_shape == tuple(want.shape), name
         torch.testing.assert_close(x, want * 2 - 1, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name, classes, match", [("swiss_roll", 2, "no class labels"),
+                                                  ("rings", 2, "build it with num_classes=4")])
+def test_noisy_classifier_refuses_data_it_cannot_learn(name, classes, match):
+    """Unlabelled data (y = -1) or more classes than outputs used to stop with "Target -1 is out of bounds"."""
+    import lightning as L
+
+    from sgm_lightning.nets import MLPClassifier
+    from sgm_lightning.sde import VPSDE
+    from sgm_lightning.training.data import ToyDataModule
+    from sgm_lightning.training.lit_classifier import NoisyClassifierModule
+    module = NoisyClassifierModule(MLPClassifier(dim=2, num_classes=classes, hidden_dim=8, num_layers=1), VPSDE())
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", use_distributed_sampler=False)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, datamodule=ToyDataModule(name=name, n_samples=64, batch_size=16))
