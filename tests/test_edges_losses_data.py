@@ -192,3 +192,16 @@ def test_noisy_classifier_refuses_data_it_cannot_learn(name, classes, match):
                         enable_checkpointing=False, accelerator="cpu", use_distributed_sampler=False)
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, datamodule=ToyDataModule(name=name, n_samples=64, batch_size=16))
+
+
+def test_validation_batch_not_divisible_by_world_size_names_val_batch_size():
+    """The error named batch_size (already fine here) instead of val_batch_size."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.training.data import DigitsDataModule
+    dm = DigitsDataModule(batch_size=8, val_batch_size=6, val_fraction=0.1)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=4, current_epoch=0)
+    assert len(dm.train_dataloader()) == int(1797 * 0.9 + 0.5) // 8
+    with pytest.raises(ValueError, match=r"val_batch_size=6 \(global\) is not divisible by the world size 4: "
+                                         r"use a multiple of 4, e.g. val_batch_size=4"):
+        dm.val_dataloader()
