@@ -47,6 +47,30 @@ def test_float64_unet_and_classifier_match_float32():
     assert clf(x.double(), label.double()).dtype == torch.float64
 
 
+def test_networks_accept_the_integral_floats_their_checks_accept():
+    """``check_int`` lets 8.0 (YAML) through, but the constructors passed the float on to the layers:
+    "TypeError: empty(): argument 'size' ..."; the same network must come out as with ints."""
+    from sgm_lightning.nets import MLPClassifier, MLPScoreNet, NoiseFreeMLP
+    cases = [(UNet, dict(in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                         attn_resolutions=(4,), num_groups=4, num_classes=3, out_channels=1, attention_heads=2)),
+             (NoisyClassifier, dict(in_channels=1, image_size=8, num_classes=3, base_channels=8, channel_mults=(1,),
+                                    num_res_blocks=1, num_groups=4, attn_resolutions=())),
+             (MLPScoreNet, dict(dim=2, hidden_dim=8, num_layers=2, embedding_dim=8, num_classes=2)),
+             (NoiseFreeMLP, dict(dim=2, hidden_dim=8, num_layers=2)),
+             (MLPClassifier, dict(dim=2, num_classes=2, hidden_dim=8, num_layers=2, embedding_dim=8))]
+    for cls, kw in cases:
+        ints = {k: v for k, v in kw.items() if isinstance(v, int)}
+        torch.manual_seed(0)
+        a = cls(**kw)
+        torch.manual_seed(0)
+        b = cls(**{**kw, **{k: float(v) for k, v in ints.items()}})
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), cls.__name__
+        assert a.hparams() == b.hparams() and all(type(b.hparams()[k]) is int for k in ints), cls.__name__
+    with pytest.raises(ValueError, match="in_channels must be a positive integer"):  # named out_channels before
+        UNet(in_channels=0, image_size=8)
+
+
 # ---------------------------------------------------------------------------------- parametrization
 class _Affine(nn.Module):
     def forward(self, x, label, **cond):
