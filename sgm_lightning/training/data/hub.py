@@ -16,7 +16,7 @@
 
 Images are converted to L/RGB, optionally centre-cropped to a square, resized (PIL bicubic) to
 ``image_size``, turned into tensors with numpy and mapped to ``data_range``; 16-bit grey images
-(PNG / TIFF, Pillow modes "I;16" and "I") are scaled by 1/65535 in float32 instead. ``datasets`` is imported
+(PNG / TIFF, Pillow modes "I;16*") are scaled by 1/65535 in float32 instead. ``datasets`` is imported
 lazily (importing this module is cheap).
 """
 
@@ -70,18 +70,18 @@ def _has_files(root: Path, extensions: tuple[str, ...]) -> bool:
 
 
 def _is_16bit(mode: str) -> bool:
-    return mode == "I" or mode.startswith("I;16")
+    return mode.startswith("I;16")  # ("I", 32-bit, has no fixed range: converted by Pillow's rules)
 
 
 def is_grey(mode: str) -> bool:
     """Whether a PIL image mode holds one intensity per pixel (with or without alpha)."""
-    return mode in ("1", "L", "LA", "La", "F") or _is_16bit(mode)
+    return mode in ("1", "L", "LA", "La", "I", "F") or _is_16bit(mode)
 
 
 def pil_to_tensor(image, channels: int, image_size: int | None, center_crop: bool) -> torch.Tensor:
     """PIL image -> float32 (C, H, W) in [0, 1]: convert to L/RGB, centre-crop, bicubic resize.
 
-    16-bit grey images ("I;16*", and "I" as Pillow opens some 16-bit files) are scaled by 1/65535 and
+    16-bit grey images (modes "I;16", "I;16B", ...) are scaled by 1/65535 and
     resized in float32 (``convert("L")`` would clip every value above 255 to white)."""
     from PIL import Image
 
