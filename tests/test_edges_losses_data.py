@@ -227,3 +227,22 @@ def test_validation_batch_not_divisible_by_world_size_names_val_batch_size():
     with pytest.raises(ValueError, match=r"val_batch_size=6 \(global\) is not divisible by the world size 4: "
                                          r"use a multiple of 4, e.g. val_batch_size=4"):
         dm.val_dataloader()
+
+
+def test_map_datamodule_dict_items():
+    """Dict items (a Hugging Face Dataset's rows) stopped with "Could not infer dtype of dict"."""
+    from PIL import Image
+
+    from sgm_lightning.training.data.hub import MapDataModule
+    grey = np.random.default_rng(3).integers(0, 256, (4, 4), dtype=np.uint8)
+    rows = [{"image": Image.fromarray(grey), "label": i % 2} for i in range(4)]
+    dm = MapDataModule(dataset=rows, batch_size=2, num_classes=2)
+    dm.setup()
+    x, y = dm.train_dataset[3]
+    assert y == 1 and torch.equal(x[0], torch.from_numpy(grey).float() / 255 * 2 - 1)
+    bare = MapDataModule(dataset=[{"x": torch.tensor([0.25, -3.0])}] * 2, batch_size=2, input_range=None)
+    bare.setup()
+    x, y = bare.train_dataset[0]
+    assert bare.data_shape == (2,) and y == -1 and torch.equal(x, torch.tensor([0.25, -3.0]))
+    with pytest.raises(ValueError, match=r"keys \['pixels'\] but none of 'x', 'img', 'image'"):
+        MapDataModule(dataset=[{"pixels": torch.zeros(1, 2, 2)}] * 2, batch_size=2)

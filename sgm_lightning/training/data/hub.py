@@ -311,9 +311,9 @@ class HFImageDataModule(BaseDataModule):
 class MapDataModule(BaseDataModule):
     """Any map-style ``torch.utils.data.Dataset`` (e.g. a torchvision dataset built by Hydra).
 
-    Items may be ``(x, y)`` pairs or bare ``x``; ``x`` a tensor or numpy array (values in ``input_range``;
-    uint8 ones are pixel intensities 0..255, as torchvision's ``read_image`` / ``PILToTensor`` give) or a
-    PIL image (uint8); ``y`` missing -> -1.
+    Items may be ``(x, y)`` pairs, bare ``x`` or dicts (keys x / img / image, y / label / labels); ``x`` a
+    tensor or numpy array (values in ``input_range``; uint8 ones are pixels 0..255, as torchvision's
+    ``read_image`` / ``PILToTensor`` give) or a PIL image; ``y`` missing -> -1.
 
     Args:
         dataset: training dataset.
@@ -380,6 +380,12 @@ class _MapView(Dataset):
 
     def __getitem__(self, i: int):
         item = self.dataset[i]
+        if isinstance(item, dict):  # e.g. a Hugging Face Dataset: {"image": PIL image, "label": int}
+            keys = [k for k in ("x", *_IMAGE_KEYS) if k in item]
+            if not keys:
+                raise ValueError(f"dataset items are dicts with keys {list(item)} but none of 'x', 'img', 'image': "
+                                 "return (x, y) pairs, or use HFImageDataModule (image_key=...) for such datasets")
+            item = (item[keys[0]], next((item[k] for k in ("y", *_LABEL_KEYS) if k in item), NO_LABEL))
         x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, NO_LABEL)
         if hasattr(x, "convert"):  # PIL image
             x = from_unit(_pil_native(x), self.data_range)
