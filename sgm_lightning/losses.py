@@ -263,6 +263,9 @@ class EDMLoss:
                  eps: float | None = None, reduce: str = "mean"):
         check_positive("P_std", P_std)
         check_positive("sigma_data", sigma_data)
+        for name, value in (("P_mean", P_mean), ("P_std", P_std), ("sigma_data", sigma_data)):
+            if not math.isfinite(value):  # NaN would make every loss NaN
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         check_choice("reduce", reduce, _REDUCTIONS)
         self.sde = sde
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)

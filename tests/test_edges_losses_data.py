@@ -246,3 +246,13 @@ def test_map_datamodule_dict_items():
     assert bare.data_shape == (2,) and y == -1 and torch.equal(x, torch.tensor([0.25, -3.0]))
     with pytest.raises(ValueError, match=r"keys \['pixels'\] but none of 'x', 'img', 'image'"):
         MapDataModule(dataset=[{"pixels": torch.zeros(1, 2, 2)}] * 2, batch_size=2)
+
+
+@pytest.mark.parametrize("bad", [dict(P_mean=float("nan")), dict(P_mean=float("inf")), dict(P_std=float("inf")),
+                                 dict(sigma_data=float("inf"))])
+def test_edm_loss_refuses_non_finite_settings(bad):
+    """P_mean=nan was accepted and made every loss NaN."""
+    from sgm_lightning.losses import EDMLoss
+    from sgm_lightning.sde import VESDE
+    with pytest.raises(ValueError, match=f"{list(bad)[0]} must be a finite number"):
+        EDMLoss(VESDE(0.002, 80.0), **bad)
