@@ -44,6 +44,8 @@ def _eps_error(sde: SDE, model, x0: torch.Tensor, t: torch.Tensor, generator: to
                reduce: str, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Perturb x_t = alpha(t) x0 + sigma(t) z with fresh z and return (|| eps_theta(x_t, t) - z ||^2 reduced
     per example, t in x0's dtype). Coefficients are taken at ``t`` as given (float64 grids stay exact)."""
+    if not torch.is_floating_point(x0):
+        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}: convert the data, e.g. x0.float()")
     z = randn_like(x0, generator)
     alpha, sigma = (c.to(x0.dtype) for c in sde.marginal_coeffs(t))
     t = t.to(x0.dtype)

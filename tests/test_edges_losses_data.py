@@ -256,3 +256,15 @@ def test_edm_loss_refuses_non_finite_settings(bad):
     from sgm_lightning.sde import VESDE
     with pytest.raises(ValueError, match=f"{list(bad)[0]} must be a finite number"):
         EDMLoss(VESDE(0.002, 80.0), **bad)
+
+
+def test_noise_conditional_losses_refuse_integer_data():
+    """Integer data stopped inside torch.randn ("normal_kernel_cpu not implemented for 'Long'")."""
+    from sgm_lightning.losses import DDPMLoss, DSMLoss, EDMLoss, NCSNLoss
+    from sgm_lightning.parametrization import ScoreModel
+    from sgm_lightning.sde import VESDE
+    sde = VESDE()
+    model = ScoreModel(_Affine(), sde)
+    for loss in (DSMLoss(sde), DDPMLoss(sde), NCSNLoss(sde), EDMLoss(sde)):
+        with pytest.raises(ValueError, match=r"x0 must be a floating-point tensor, got dtype torch.int64"):
+            loss(model, torch.ones(2, 3, dtype=torch.long))
