@@ -268,3 +268,17 @@ def test_noise_conditional_losses_refuse_integer_data():
     for loss in (DSMLoss(sde), DDPMLoss(sde), NCSNLoss(sde), EDMLoss(sde)):
         with pytest.raises(ValueError, match=r"x0 must be a floating-point tensor, got dtype torch.int64"):
             loss(model, torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gaussian_mixture_oracle_takes_cuda_inputs():
+    """The oracle mixed its CPU parameters with CUDA inputs ("Expected all tensors to be on the same device")."""
+    from sgm_lightning.analytic import GaussianMixture
+    from sgm_lightning.sde import VPSDE
+    gm = GaussianMixture([0.3, 0.7], [[0.0, 1.0], [2.0, -1.0]], [0.5, 1.5])
+    x = gm.sample(8, generator=torch.Generator().manual_seed(0)).float()
+    t = torch.full((8,), 0.3)
+    for method in ("score", "log_prob", "responsibilities"):
+        cpu, gpu = getattr(gm, method)(x, VPSDE(), t), getattr(gm, method)(x.cuda(), VPSDE(), t.cuda())
+        assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu), method
