@@ -6,7 +6,8 @@ If x_0 ~ sum_k w_k N(mu_k, Sigma_k) and p_0t(x_t | x_0) = N(alpha(t) x_0, sigma(
 
 so the score and the log-density of every marginal p_t are exact. Tests, benchmarks and notebooks
 use ``GaussianMixture.score_fn(sde)`` as a perfect score model. Data may have any event shape
-(e.g. (D,) or (C, H, W)); it is flattened to D = prod(event_shape) internally.
+(e.g. (D,) or (C, H, W)); it is flattened to D = prod(event_shape) internally. The parameters live on
+the CPU in float64; x and t may be on any device (results come back on x's device, in x's dtype).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class GaussianMixture:
     def _marginal(self, sde: SDE | None, t):
         if sde is None:
             return self.means[None], self.covs[None]
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64, device="cpu")
         alpha, sigma = sde.marginal_coeffs(t)
         alpha = alpha.reshape(-1, 1, 1, 1)
         sigma = sigma.reshape(-1, 1, 1, 1)
@@ -83,7 +84,7 @@ class GaussianMixture:
         return mu, cov
 
     def _component_terms(self, x, sde, t):
-        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        xf = x.reshape(x.shape[0], -1).to("cpu", torch.float64)
         mu, cov = self._marginal(sde, t)
         L = torch.linalg.cholesky(cov)
         diff = xf[:, None, :] - mu  # (B, K, D)
@@ -97,19 +98,19 @@ class GaussianMixture:
     def log_prob(self, x: torch.Tensor, sde: SDE | None = None, t=None) -> torch.Tensor:
         """log p_t(x) per example (B,); the data density when ``sde`` is None."""
         logw, _ = self._component_terms(x, sde, t)
-        return torch.logsumexp(logw, dim=1)
+        return torch.logsumexp(logw, dim=1).to(x.device)
 
     def score(self, x: torch.Tensor, sde: SDE | None = None, t=None) -> torch.Tensor:
         """grad_x log p_t(x), shaped and typed like x."""
         logw, sol = self._component_terms(x, sde, t)
         resp = torch.softmax(logw, dim=1)
         s = -(resp.unsqueeze(-1) * sol).sum(1)
-        return s.reshape(x.shape).to(x.dtype)
+        return s.reshape(x.shape).to(x.device, x.dtype)
 
     def responsibilities(self, x: torch.Tensor, sde: SDE | None = None, t=None) -> torch.Tensor:
         """Posterior component probabilities p(k | x_t) (B, K): used to assign samples to modes."""
         logw, _ = self._component_terms(x, sde, t)
-        return torch.softmax(logw, dim=1)
+        return torch.softmax(logw, dim=1).to(x.device)
 
     def score_fn(self, sde: SDE):
         """A ``score_fn(x, t)`` computing the exact score of p_t under ``sde``."""

@@ -27,7 +27,7 @@ import math
 import torch
 
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import (batch_dim_mean, batch_dim_sum, bcast, check_choice, check_positive,
+from sgm_lightning.utils import (batch_dim_mean, batch_dim_sum, bcast, check_choice, check_int, check_positive,
                                  rand_like_batch, randn_like)
 
 _REDUCTIONS = ("mean", "sum")
@@ -44,6 +44,8 @@ def _eps_error(sde: SDE, model, x0: torch.Tensor, t: torch.Tensor, generator: to
                reduce: str, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Perturb x_t = alpha(t) x0 + sigma(t) z with fresh z and return (|| eps_theta(x_t, t) - z ||^2 reduced
     per example, t in x0's dtype). Coefficients are taken at ``t`` as given (float64 grids stay exact)."""
+    if not torch.is_floating_point(x0):
+        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}: convert the data, e.g. x0.float()")
     z = randn_like(x0, generator)
     alpha, sigma = (c.to(x0.dtype) for c in sde.marginal_coeffs(t))
     t = t.to(x0.dtype)
@@ -92,7 +94,7 @@ class DSMLoss:
                  importance_sampling: bool = False, reduce: str = "mean", grid_size: int = 4096):
         check_choice("weighting", weighting, ("sigma2", "likelihood"))
         check_choice("reduce", reduce, _REDUCTIONS)
-        check_positive("grid_size", grid_size, integer=True)
+        check_int("grid_size", grid_size, min=2)  # the tabulated CDF needs the two ends [eps, T]
         if importance_sampling and weighting != "likelihood":
             raise ValueError("importance_sampling=True needs weighting='likelihood' "
                              f"(got weighting={weighting!r}); with sigma2 weighting t is sampled uniformly")
@@ -221,6 +223,12 @@ class NCSNLoss:
         self.sigmas = torch.exp(torch.linspace(math.log(self.sigma_max), math.log(self.sigma_min),
                                                self.num_scales, dtype=torch.float64))
         self.times = sde.t_from_noise_to_signal(self.sigmas)
+        lo, hi = ratio(0.0), ratio(sde.T)
+        if not torch.allclose(sde.noise_to_signal(self.times), self.sigmas, rtol=1e-6, atol=0.0):
+            raise ValueError(f"the ladder [sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}] leaves the range "
+                             f"[{lo:g}, {hi:g}] of noise-to-signal ratios of {sde!r} on [0, T]; its levels outside "
+                             "would be clipped to the ends: choose sigma_min and sigma_max in that range (or leave "
+                             "them None), or an SDE that reaches them")
 
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                  return_t: bool = False, **cond):
@@ -257,6 +265,9 @@ class EDMLoss:
                  eps: float | None = None, reduce: str = "mean"):
         check_positive("P_std", P_std)
         check_positive("sigma_data", sigma_data)
+        for name, value in (("P_mean", P_mean), ("P_std", P_std), ("sigma_data", sigma_data)):
+            if not math.isfinite(value):  # NaN would make every loss NaN
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         check_choice("reduce", reduce, _REDUCTIONS)
         self.sde = sde
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)

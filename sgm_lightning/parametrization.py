@@ -121,7 +121,10 @@ class ScoreModel(nn.Module):
         return out, alpha, sigma, p, q
 
     def _check(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
+        if torch.is_tensor(t) and t.is_floating_point():
+            t = t.to(x.device)
+        else:  # a Python number or an integer tensor: in x's dtype (float64 data keep float64 coefficients)
+            t = torch.as_tensor(t, device=x.device, dtype=x.dtype if x.is_floating_point() else None)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
@@ -155,7 +158,7 @@ class ScoreModel(nn.Module):
         A network that outputs exactly this gives score = true conditional score, so
         ``outputs(x_t, t)`` round-trips to (-eps / sigma, eps, x0).
         """
-        alpha, sigma = (bcast(c.to(x0.dtype), x0) for c in self.sde.marginal_coeffs(t))
+        alpha, sigma = (bcast(c.to(x0.dtype), x0) for c in self.sde.marginal_coeffs(self._check(x0, t)))
         _, p, q = PARAMETRIZATIONS[self.prediction](alpha, sigma, self.sigma_data)
         return p * x0 + q * eps
 

@@ -40,8 +40,11 @@ class NoisyClassifier(nn.Module):
                  fourier_scale: float = 16.0, num_groups: int = 32, resample_with_conv: bool = True,
                  skip_rescale: bool = True, attention_heads: int = 1):
         super().__init__()
-        check_int("num_classes", num_classes)
-        check_int("base_channels", base_channels)
+        in_channels, image_size, num_classes, base_channels, num_res_blocks, num_groups, attention_heads = (
+            check_int(name, value) for name, value in (
+                ("in_channels", in_channels), ("image_size", image_size), ("num_classes", num_classes),
+                ("base_channels", base_channels), ("num_res_blocks", num_res_blocks), ("num_groups", num_groups),
+                ("attention_heads", attention_heads)))
         check_choice("embedding", embedding, ("sinusoidal", "fourier"))
         if base_channels % 2:
             raise ValueError(f"base_channels must be even (it sizes the sin/cos time features), got {base_channels}")
@@ -88,9 +91,10 @@ class MLPClassifier(nn.Module):
                  embedding_dim: int = 64, embedding: str = "sinusoidal", fourier_scale: float = 16.0,
                  activation: str = "silu"):
         super().__init__()
-        check_int("num_classes", num_classes)
-        check_int("hidden_dim", hidden_dim)
-        check_even("embedding_dim", embedding_dim)
+        dim, num_classes, hidden_dim, num_layers = (
+            check_int(name, value) for name, value in (("dim", dim), ("num_classes", num_classes),
+                                                       ("hidden_dim", hidden_dim), ("num_layers", num_layers)))
+        embedding_dim = check_even("embedding_dim", embedding_dim)
         self._hparams = dict(dim=dim, num_classes=num_classes, hidden_dim=hidden_dim, num_layers=num_layers,
                              embedding_dim=embedding_dim, embedding=embedding, fourier_scale=fourier_scale,
                              activation=activation)

@@ -50,8 +50,7 @@ def sinusoidal_embedding(label: torch.Tensor, dim: int, max_period: float = 1000
     [1/max_period, 1], so labels from ~1e-2 (log sigma / 4) up to ~1e3 (999 t) are resolved.
     Computed in float32 (or float64 for float64 labels) for accuracy at large labels.
     """
-    check_even("dim", dim)
-    half = dim // 2
+    half = check_even("dim", dim) // 2
     dtype = torch.float64 if label.dtype == torch.float64 else torch.float32
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=label.device, dtype=dtype) / half)
     args = label.to(dtype)[:, None] * freqs[None, :]
@@ -70,7 +69,7 @@ class GaussianFourierFeatures(nn.Module):
 
     def __init__(self, dim: int, scale: float = 16.0):
         super().__init__()
-        check_even("dim", dim)
+        dim = check_even("dim", dim)
         check_positive("fourier_scale", scale)
         self.dim = int(dim)
         self.scale = float(scale)
@@ -96,10 +95,9 @@ class TimeEmbedding(nn.Module):
     def __init__(self, dim: int, kind: str = "sinusoidal", fourier_scale: float = 16.0,
                  out_dim: int | None = None):
         super().__init__()
-        check_even("dim", dim)
+        dim = check_even("dim", dim)
         check_choice("embedding", kind, EMBEDDINGS)
-        out_dim = 4 * dim if out_dim is None else out_dim
-        check_int("out_dim", out_dim)
+        out_dim = check_int("out_dim", 4 * dim if out_dim is None else out_dim)
         self.dim, self.kind, self.out_dim = int(dim), kind, int(out_dim)
         self.fourier = GaussianFourierFeatures(dim, fourier_scale) if kind == "fourier" else None
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
@@ -123,8 +121,7 @@ class LabelEmbedding(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        check_int("num_classes", num_classes)
-        check_int("dim", dim)
+        num_classes, dim = check_int("num_classes", num_classes), check_int("dim", dim)
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.table = nn.Embedding(num_classes + 1, dim)
 

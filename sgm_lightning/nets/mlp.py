@@ -49,9 +49,9 @@ class ConditionedMLP(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, emb_dim: int | None,
                  activation: str):
         super().__init__()
-        for name, value in (("dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
-                            ("num_layers", num_layers)):
-            check_int(name, value)
+        in_dim, out_dim, hidden_dim, num_layers = (
+            check_int(name, value) for name, value in (("dim", in_dim), ("out_dim", out_dim),
+                                                       ("hidden_dim", hidden_dim), ("num_layers", num_layers)))
         self.act = make_activation(activation)
         self.inp = nn.Linear(in_dim, hidden_dim)
         self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_layers - 1))
@@ -89,11 +89,11 @@ class MLPScoreNet(nn.Module):
                  embedding: str = "sinusoidal", fourier_scale: float = 16.0, num_classes: int | None = None,
                  activation: str = "silu"):
         super().__init__()
-        check_int("dim", dim)
-        check_int("hidden_dim", hidden_dim)
-        check_even("embedding_dim", embedding_dim)
+        dim, hidden_dim, num_layers = (check_int(name, value) for name, value in
+                                       (("dim", dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)))
+        embedding_dim = check_even("embedding_dim", embedding_dim)
         if num_classes is not None:
-            check_int("num_classes", num_classes)
+            num_classes = check_int("num_classes", num_classes)
         self._hparams = dict(dim=dim, hidden_dim=hidden_dim, num_layers=num_layers, embedding_dim=embedding_dim,
                              embedding=embedding, fourier_scale=fourier_scale, num_classes=num_classes,
                              activation=activation)
@@ -127,6 +127,8 @@ class NoiseFreeMLP(nn.Module):
 
     def __init__(self, dim: int = 2, hidden_dim: int = 128, num_layers: int = 3, activation: str = "softplus"):
         super().__init__()
+        dim, hidden_dim, num_layers = (check_int(name, value) for name, value in
+                                       (("dim", dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)))
         self._hparams = dict(dim=dim, hidden_dim=hidden_dim, num_layers=num_layers, activation=activation)
         self.dim = dim
         self.trunk = ConditionedMLP(dim, dim, hidden_dim, num_layers, None, activation)

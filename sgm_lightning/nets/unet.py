@@ -49,12 +49,18 @@ class GroupNorm(nn.GroupNorm):
     back: twice the memory traffic of the bf16 / fp16 path in the eager step. Normalizing in float32
     and casting the result to the input's dtype keeps the statistics exact and the rest of the block
     in half precision (the same casts as before: one in, one out). In float32 training both casts are
-    no-ops and the result equals ``nn.GroupNorm``'s bitwise; parameters and state-dict keys are
-    ``nn.GroupNorm``'s."""
+    no-ops and the result equals ``nn.GroupNorm``'s bitwise; a float64 network (``.double()``)
+    normalizes in float64, a bf16 / fp16 one (``.to(torch.bfloat16)``) in float32; parameters and
+    state-dict keys are ``nn.GroupNorm``'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it)
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it).
+        # At least float32: a float64 network normalizes in float64, and the affine parameters are cast
+        # to that dtype (group_norm refuses bf16 / fp16 parameters with a float32 input).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, num_groups: int) -> GroupNorm:
@@ -191,10 +197,11 @@ class UNetEncoder(nn.Module):
                  num_groups: int = 32, resample_with_conv: bool = True, skip_rescale: bool = True,
                  attention_heads: int = 1, conditioning: str = "scale_shift"):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("image_size", image_size),
-                            ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
-                            ("num_groups", num_groups), ("attention_heads", attention_heads)):
-            check_int(name, value)
+        # check_int accepts integral floats (4.0 from YAML): keep its int, the layers need one
+        in_channels, image_size, base_channels, num_res_blocks, num_groups, attention_heads = (
+            check_int(name, value) for name, value in (
+                ("in_channels", in_channels), ("image_size", image_size), ("base_channels", base_channels),
+                ("num_res_blocks", num_res_blocks), ("num_groups", num_groups), ("attention_heads", attention_heads)))
         mults = _int_tuple("channel_mults", channel_mults, allow_empty=False)
         attn = _int_tuple("attn_resolutions", attn_resolutions, allow_empty=True)
         if not 0.0 <= dropout < 1.0:
@@ -284,13 +291,16 @@ class UNet(nn.Module):
                  resample_with_conv: bool = True, skip_rescale: bool = True, attention_heads: int = 1,
                  cond_channels: int = 0, conditioning: str = "scale_shift"):
         super().__init__()
-        out_channels = in_channels if out_channels is None else out_channels
+        in_channels, image_size, num_res_blocks, num_groups, attention_heads = (
+            check_int(name, value) for name, value in (
+                ("in_channels", in_channels), ("image_size", image_size), ("num_res_blocks", num_res_blocks),
+                ("num_groups", num_groups), ("attention_heads", attention_heads)))
+        out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels)
         self.cond_channels = check_int("cond_channels", cond_channels, min=0)
-        check_int("out_channels", out_channels)
         check_choice("embedding", embedding, ("sinusoidal", "fourier"))
         if num_classes is not None:
-            check_int("num_classes", num_classes)
-        check_int("base_channels", base_channels)
+            num_classes = check_int("num_classes", num_classes)
+        base_channels = check_int("base_channels", base_channels)
         if base_channels % 2:
             raise ValueError(f"base_channels must be even (it sizes the sin/cos time features), got {base_channels}")
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size

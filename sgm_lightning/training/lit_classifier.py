@@ -82,6 +82,21 @@ class NoisyClassifierModule(L.LightningModule):
         acc = (logits.argmax(dim=-1) == y).float().mean()
         return loss, acc
 
+    def on_fit_start(self) -> None:
+        """Refuse a DataModule whose labels the classifier cannot learn (cross-entropy would stop on the
+        first batch with "Target -1 is out of bounds")."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "num_classes"):
+            return
+        name = getattr(data, "dataset_id", type(data).__name__)
+        if data.num_classes is None:
+            raise ValueError(f"the data {name!r} has no class labels (y = -1): a noisy classifier needs a labelled "
+                             "dataset (e.g. data=digits, or a toy with labels: gaussian_mixture, two_moons, rings)")
+        out = getattr(self.classifier, "num_classes", None)
+        if out is not None and int(out) != int(data.num_classes):
+            raise ValueError(f"the classifier has num_classes={out} outputs but the data {name!r} has "
+                             f"{data.num_classes} classes: build it with num_classes={data.num_classes}")
+
     def training_step(self, batch, batch_idx):
         loss, acc = self.noisy_loss(*self._unpack(batch))
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)

@@ -128,16 +128,17 @@ class BaseDataModule(L.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def per_rank_batch_size(self, global_batch_size: int | None = None, world_size: int | None = None) -> int:
-        """``global_batch_size // world_size``; ValueError naming both when it does not divide."""
+    def per_rank_batch_size(self, global_batch_size: int | None = None, world_size: int | None = None,
+                            name: str = "batch_size") -> int:
+        """``global_batch_size // world_size``; ValueError naming both (the setting as ``name``) when it does not divide."""
         b = self.batch_size if global_batch_size is None else int(global_batch_size)
         ws = self._layout()[1] if world_size is None else int(world_size)
         if b <= 0:
-            raise ValueError(f"batch_size must be a positive integer (the global batch size), got {b}")
+            raise ValueError(f"{name} must be a positive integer (the global batch size), got {b}")
         if b % ws != 0:
             raise ValueError(
-                f"batch_size={b} (global) is not divisible by the world size {ws}: "
-                f"use a multiple of {ws}, e.g. batch_size={max(ws, b - b % ws)}"
+                f"{name}={b} (global) is not divisible by the world size {ws}: "
+                f"use a multiple of {ws}, e.g. {name}={max(ws, b - b % ws)}"
             )
         return b // ws
 
@@ -191,7 +192,7 @@ class BaseDataModule(L.LightningDataModule):
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return []
         rank, ws = self._layout()
-        bs = self.per_rank_batch_size(self.val_batch_size, ws)
+        bs = self.per_rank_batch_size(self.val_batch_size, ws, name="val_batch_size")
         sampler = ResumableBatchSampler(len(self.val_dataset), bs, rank, ws, self.seed, shuffle=False, drop_last=False)
         # its own generator: iterating it must not draw from the global RNG (exact resume of training)
         return self._loader(self.val_dataset, sampler, generator=torch.Generator().manual_seed(self.seed))

@@ -9,11 +9,14 @@
 * any Hub id ``"user/name"`` (downloaded to ``root`` or ``cache_dir`` when online);
 * ``"imagefolder"``: ``root`` is a folder of image files, optionally in class sub-folders (-> labels),
   read with ``datasets.load_dataset("imagefolder", data_dir=root)``;
+* ``"parquet"``: ``root`` is a folder of Parquet files with an image column (``Dataset.to_parquet``, the
+  Hub's own format), read with ``datasets.load_dataset("parquet", data_dir=root)``;
 * any name with ``root`` pointing at a dataset written by ``Dataset.save_to_disk`` /
   ``DatasetDict.save_to_disk`` (read with ``datasets.load_from_disk``).
 
 Images are converted to L/RGB, optionally centre-cropped to a square, resized (PIL bicubic) to
-``image_size``, turned into tensors with numpy and mapped to ``data_range``. ``datasets`` is imported
+``image_size``, turned into tensors with numpy and mapped to ``data_range``; 16-bit grey images
+(PNG / TIFF, Pillow modes "I;16*") are scaled by 1/65535 in float32 instead. ``datasets`` is imported
 lazily (importing this module is cheap).
 """
 
@@ -52,6 +55,8 @@ HUB_ALIASES = {
     "ffhq": HubSpec("merkol/ffhq-256", 3, 256, None),
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Hugging Face packaged builders that read the files of a local folder (``root``) -> their file extensions
+FOLDER_BUILDERS = {"imagefolder": IMAGE_EXTENSIONS, "parquet": (".parquet",)}
 _IMAGE_KEYS = ("img", "image")
 _LABEL_KEYS = ("label", "labels")
 
@@ -60,15 +65,31 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
-def _has_images(root: Path) -> bool:
-    return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(root) for f in files)
+def _has_files(root: Path, extensions: tuple[str, ...]) -> bool:
+    return any(f.lower().endswith(extensions) for _, _, files in os.walk(root) for f in files)
+
+
+def _is_16bit(mode: str) -> bool:
+    return mode.startswith("I;16")  # ("I", 32-bit, has no fixed range: converted by Pillow's rules)
+
+
+def is_grey(mode: str) -> bool:
+    """Whether a PIL image mode holds one intensity per pixel (with or without alpha)."""
+    return mode in ("1", "L", "LA", "La", "I", "F") or _is_16bit(mode)
 
 
 def pil_to_tensor(image, channels: int, image_size: int | None, center_crop: bool) -> torch.Tensor:
-    """PIL image -> float32 (C, H, W) in [0, 1]: convert to L/RGB, centre-crop, bicubic resize."""
+    """PIL image -> float32 (C, H, W) in [0, 1]: convert to L/RGB, centre-crop, bicubic resize.
+
+    16-bit grey images (modes "I;16", "I;16B", ...) are scaled by 1/65535 and
+    resized in float32 (``convert("L")`` would clip every value above 255 to white)."""
     from PIL import Image
 
-    image = image.convert("L" if channels == 1 else "RGB")
+    wide = _is_16bit(image.mode)
+    if wide:
+        image = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535.0)  # mode "F"
+    else:
+        image = image.convert("L" if channels == 1 else "RGB")
     if center_crop:
         w, h = image.size
         s = min(w, h)
@@ -76,6 +97,9 @@ def pil_to_tensor(image, channels: int, image_size: int | None, center_crop: boo
         image = image.crop((left, top, left + s, top + s))
     if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
+    if wide:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).clamp(0.0, 1.0)[None]
+        return x.expand(channels, -1, -1).contiguous()
     a = np.asarray(image, dtype=np.uint8)
     a = a[:, :, None] if a.ndim == 2 else a
     return torch.from_numpy(a.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
@@ -107,9 +131,9 @@ class HFImageDataModule(BaseDataModule):
     """Image datasets from the Hugging Face Hub, an image folder, or a ``save_to_disk`` directory.
 
     Args:
-        name: alias (``HUB_ALIASES``), Hub id "user/name", "imagefolder", or anything with ``root``
-            pointing at a ``save_to_disk`` directory.
-        root: data on disk (image folder / saved dataset); for Hub ids the download cache directory.
+        name: alias (``HUB_ALIASES``), Hub id "user/name", "imagefolder", "parquet", or anything with
+            ``root`` pointing at a ``save_to_disk`` directory.
+        root: data on disk (image / Parquet folder, saved dataset); for Hub ids the download cache directory.
         split: training split name.
         val_split: split used for validation (e.g. "test"); None: hold out ``val_fraction`` of ``split``.
         image_key, label_key: columns (auto: "img"/"image" and "label"/"labels"; no label column -> y = -1).
@@ -149,8 +173,9 @@ class HFImageDataModule(BaseDataModule):
             check_int("image_size", image_size, min=2)
         self.name, self.split, self.val_split = name, split, val_split
         self.root = Path(root).expanduser() if root is not None else None
-        if name == "imagefolder" and self.root is None:
-            raise ValueError("name='imagefolder' needs root=DIR, a folder of image files (class sub-folders -> labels)")
+        if name in FOLDER_BUILDERS and self.root is None:  # (load_dataset would read the working directory)
+            raise ValueError(f"name={name!r} needs root=DIR, a folder of {name} files "
+                             f"({', '.join(FOLDER_BUILDERS[name])}; for images, class sub-folders -> labels)")
         spec = HUB_ALIASES.get(name)
         self.hub_id = spec.hub_id if spec is not None else name
         self.cache_dir = cache_dir if cache_dir is not None else (str(self.root) if self.root is not None else None)
@@ -167,7 +192,7 @@ class HFImageDataModule(BaseDataModule):
     def _source(self) -> str:
         if self.root is not None and _is_saved_dataset(self.root):
             return "disk"
-        return "imagefolder" if self.name == "imagefolder" else "hub"
+        return self.name if self.name in FOLDER_BUILDERS else "hub"
 
     def _open(self, split: str):
         """The Hugging Face ``Dataset`` of ``split`` (cached), with a clear error when it is not there."""
@@ -184,17 +209,18 @@ class HFImageDataModule(BaseDataModule):
                 ds = ds[split]
             elif split != self.split:
                 raise ValueError(f"the dataset saved at {self.root} has a single split; set val_split=None")
-        elif source == "imagefolder":
+        elif source in FOLDER_BUILDERS:
+            kind = "image" if source == "imagefolder" else source
             if not self.root.is_dir():
                 raise FileNotFoundError(
-                    f"image folder root={str(self.root)!r} does not exist: put image files there "
+                    f"{kind} folder root={str(self.root)!r} does not exist: put {kind} files there "
                     f"(class sub-folders give labels) or point data.root at the folder"
                 )
-            if not _has_images(self.root):
+            if not _has_files(self.root, FOLDER_BUILDERS[source]):
                 raise ValueError(
-                    f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under root={str(self.root)!r}"
+                    f"no {kind} files ({', '.join(FOLDER_BUILDERS[source])}) found under root={str(self.root)!r}"
                 )
-            ds = datasets.load_dataset("imagefolder", data_dir=str(self.root), split=split, cache_dir=self.cache_dir)
+            ds = datasets.load_dataset(source, data_dir=str(self.root), split=split, cache_dir=self.cache_dir)
         else:
             try:
                 ds = datasets.load_dataset(self.hub_id, split=split, cache_dir=self.cache_dir)
@@ -205,7 +231,7 @@ class HFImageDataModule(BaseDataModule):
                     f"at {str(where)!r} (offline={datasets.config.HF_HUB_OFFLINE}): {err}\n"
                     f"To get it, run once while online: python -c \"import datasets; datasets.load_dataset("
                     f"'{self.hub_id}', cache_dir={str(where)!r})\"; or save it with Dataset.save_to_disk(DIR) and "
-                    f"pass root=DIR; or put image files in DIR and use name=imagefolder root=DIR."
+                    f"pass root=DIR; or put image (Parquet) files in DIR and use name=imagefolder (parquet) root=DIR."
                 ) from err
         self._hf_cache[split] = ds
         return ds
@@ -235,7 +261,7 @@ class HFImageDataModule(BaseDataModule):
             self._num_classes = int(feat.num_classes) if isinstance(feat, datasets.ClassLabel) else int(max(ds[self.label_key])) + 1
         if self._channels is None or self._image_size is None:
             first = ds[0][self.image_key]
-            self._channels = self._channels or (1 if first.mode in ("L", "1", "I", "I;16", "F") else 3)
+            self._channels = self._channels or (1 if is_grey(first.mode) else 3)
             if self._image_size is None:
                 w, h = first.size
                 if w != h and not self.center_crop:
@@ -285,8 +311,9 @@ class HFImageDataModule(BaseDataModule):
 class MapDataModule(BaseDataModule):
     """Any map-style ``torch.utils.data.Dataset`` (e.g. a torchvision dataset built by Hydra).
 
-    Items may be ``(x, y)`` pairs or bare ``x``; ``x`` a tensor (values in ``input_range``) or a PIL
-    image (uint8); ``y`` missing -> -1.
+    Items may be ``(x, y)`` pairs, bare ``x`` or dicts (keys x / img / image, y / label / labels); ``x`` a
+    tensor or numpy array (values in ``input_range``; uint8 ones are pixels 0..255, as torchvision's
+    ``read_image`` / ``PILToTensor`` give) or a PIL image; ``y`` missing -> -1.
 
     Args:
         dataset: training dataset.
@@ -294,7 +321,8 @@ class MapDataModule(BaseDataModule):
         data_shape: shape of one example (default: inferred from the first item).
         num_classes: number of classes (None: unconditional / unknown).
         dataset_id: cache key for reference statistics (default: the dataset's class name and shape).
-        input_range: range of tensor items, "[0,1]" (torchvision ToTensor) or "[-1,1]"; None: keep as is.
+        input_range: range of float tensor / array items, "[0,1]" (torchvision ToTensor) or "[-1,1]";
+            None: keep as is.
         loader_options: as for :class:`HFImageDataModule` (batch_size 128, val_fraction 0 by default).
     """
 
@@ -328,6 +356,19 @@ class MapDataModule(BaseDataModule):
         return self._split(train)
 
 
+def _pil_native(image) -> torch.Tensor:
+    """PIL image -> float32 (C, H, W) in [0, 1] with its own channels (L, LA, RGB, RGBA); other modes
+    are converted first (palette -> RGB / RGBA, "1" -> L, CMYK / YCbCr -> RGB; 16-bit grey scaled by 1/65535)."""
+    if _is_16bit(image.mode):
+        return pil_to_tensor(image, 1, None, False)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("L" if is_grey(image.mode) else "RGB")
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+    return (x[None] if x.ndim == 2 else x.permute(2, 0, 1)).to(torch.float32) / 255.0
+
+
 class _MapView(Dataset):
     """``(x, y)`` items of any map-style dataset, x float32 in ``data_range``, y int (-1 if absent)."""
 
@@ -339,13 +380,19 @@ class _MapView(Dataset):
 
     def __getitem__(self, i: int):
         item = self.dataset[i]
+        if isinstance(item, dict):  # e.g. a Hugging Face Dataset: {"image": PIL image, "label": int}
+            keys = [k for k in ("x", *_IMAGE_KEYS) if k in item]
+            if not keys:
+                raise ValueError(f"dataset items are dicts with keys {list(item)} but none of 'x', 'img', 'image': "
+                                 "return (x, y) pairs, or use HFImageDataModule (image_key=...) for such datasets")
+            item = (item[keys[0]], next((item[k] for k in ("y", *_LABEL_KEYS) if k in item), NO_LABEL))
         x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, NO_LABEL)
-        if not isinstance(x, torch.Tensor):
-            if hasattr(x, "convert"):  # PIL image: uint8 pixels
-                x = torch.from_numpy(np.array(x, dtype=np.uint8, copy=True))
-                x = from_unit((x[None] if x.ndim == 2 else x.permute(2, 0, 1)).to(torch.float32) / 255.0, self.data_range)
-            else:
-                x = torch.as_tensor(x, dtype=torch.float32)
-        elif self.input_range is not None:
-            x = from_unit(to_unit(x.to(torch.float32), self.input_range), self.data_range)
+        if hasattr(x, "convert"):  # PIL image
+            x = from_unit(_pil_native(x), self.data_range)
+        else:  # tensors, numpy arrays (same layout, same ranges), lists
+            x = torch.as_tensor(x)
+            if x.dtype == torch.uint8:  # pixel intensities 0..255
+                x = from_unit(x.to(torch.float32) / 255.0, self.data_range)
+            elif self.input_range is not None:
+                x = from_unit(to_unit(x.to(torch.float32), self.input_range), self.data_range)
         return x.to(torch.float32), int(y)
