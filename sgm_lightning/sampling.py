@@ -46,7 +46,7 @@ import inspect
 import torch
 
 from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_sde, heun, ode, pc, sde_solve, unipc
-from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
+from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult, check_flag, check_number
 from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_int
@@ -105,13 +105,19 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
         steps = default_steps(method, sde)
     else:
         steps = check_int("steps (None: the method's default)", steps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                         "(for a seed s pass generator=torch.Generator().manual_seed(s))")
     eps = options.pop("eps", None)
-    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
-        raise ValueError(f"eps must be a number with 0 < eps < T={sde.T}, got {eps!r}")
+    if eps is not None:
+        eps = check_number("eps", eps, 0.0, sde.T, open_ends=True, what=f" with 0 < eps < T={sde.T}")
+    x_T = options.pop("x_T", None)
+    if x_T is not None and (not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape):
+        got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
     dtype = options.pop("dtype", torch.float32)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
-    x_T = options.pop("x_T", None)
     device = options.pop("device", None)
     if device is None:
         device = x_T.device if x_T is not None else (generator.device if generator is not None else "cpu")
@@ -119,12 +125,10 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     if x_T is None:
         x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
     else:
-        if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape:
-            got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
-            raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
         x = x_T.to(device=device, dtype=dtype)
-    record = Recorder(options.pop("callback", None), bool(options.pop("return_trajectory", False)))
-    denoise = bool(options.pop("denoise", True))
+    keep = check_flag("return_trajectory", options.pop("return_trajectory", False))
+    record = Recorder(options.pop("callback", None), keep)
+    denoise = check_flag("denoise", options.pop("denoise", True))
     score = CountingScore(score_fn)
     with torch.no_grad():
         x = _RUNNERS[method](score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,

