@@ -33,7 +33,8 @@ may be "hmc" (options hmc_leapfrog, hmc_persistence). PF-ODE encoding: ``encode`
 ``slerp``, ``interpolate`` (``sgm_lightning.samplers.encode``).
 
 Options common to all methods: ``eps`` (end time, default ``sde.default_eps``), ``device``,
-``dtype`` (float32), ``x_T`` (start point instead of ``sde.prior_sampling``), ``callback(i, t, x)``
+``dtype`` (float32, or x_T's floating dtype when x_T is given), ``x_T`` (start point instead of
+``sde.prior_sampling``), ``callback(i, t, x)``
 (after every step), ``return_trajectory`` (False), ``denoise`` (True: the last step returns the
 noise-free mean / Tweedie's x0_hat, as in the literature).
 Randomness comes only from ``generator``: the same seed gives the same samples.
@@ -115,7 +116,9 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     if x_T is not None and (not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape):
         got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
         raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
-    dtype = options.pop("dtype", torch.float32)
+    # default dtype: x_T's when it is a floating tensor (a float64 start point stays float64), else float32
+    default_dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.float32
+    dtype = options.pop("dtype", default_dtype)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
     device = options.pop("device", None)

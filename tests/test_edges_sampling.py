@@ -52,3 +52,23 @@ def test_numpy_scalars_are_numbers(method, option, value):
     runs = [sample(FN, SDE, (4, 2), method, steps=4, generator=torch.Generator().manual_seed(0),
                    **{option: v}, **extra).samples for v in (np.float32(value), float(np.float32(value)))]
     assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("method", ["ddim", "heun", "dpm2m", "sde"])
+def test_float64_start_point_stays_float64(method):
+    """x_T in float64 without dtype: float64 samples, the score sees float64 (as with dtype=float64)."""
+    seen = set()
+
+    def fn(x, t):
+        seen.add((x.dtype, t.dtype))
+        return FN(x, t)
+
+    x_T = SDE.prior_sampling((5, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a = sample(fn, SDE, (5, 2), method, steps=4, x_T=x_T, generator=torch.Generator().manual_seed(2)).samples
+    assert a.dtype == torch.float64 and seen == {(torch.float64, torch.float64)}
+    b = sample(FN, SDE, (5, 2), method, steps=4, x_T=x_T, dtype=torch.float64,
+               generator=torch.Generator().manual_seed(2)).samples
+    assert torch.equal(a, b)
+    c = sample(FN, SDE, (5, 2), method, steps=4, x_T=x_T, dtype=torch.float32,
+               generator=torch.Generator().manual_seed(2)).samples
+    assert c.dtype == torch.float32  # an explicit dtype still wins
