@@ -72,3 +72,20 @@ def test_float64_start_point_stays_float64(method):
     c = sample(FN, SDE, (5, 2), method, steps=4, x_T=x_T, dtype=torch.float32,
                generator=torch.Generator().manual_seed(2)).samples
     assert c.dtype == torch.float32  # an explicit dtype still wins
+
+
+@pytest.mark.parametrize("method", ["pc", "ddpm", "ode", "heun", "ald", "unipc", "sde"])
+def test_score_in_another_dtype_does_not_change_the_samples_dtype(method):
+    """A score_fn answering in float64 for float32 x: samples stay float32, every call sees float32 x,
+    and the samples are bitwise those of the same score returned in float32."""
+    seen = set()
+
+    def fn64(x, t):
+        seen.add(x.dtype)
+        return GM.score(x.double(), SDE, t)  # float64 out
+
+    kw = {"steps_per_level": 2} if method == "ald" else {}
+    a = sample(fn64, SDE, (4, 2), method, steps=3, generator=torch.Generator().manual_seed(0), **kw).samples
+    b = sample(FN, SDE, (4, 2), method, steps=3, generator=torch.Generator().manual_seed(0), **kw).samples
+    assert a.dtype == torch.float32 and seen == {torch.float32}
+    assert torch.equal(a, b)

@@ -46,7 +46,8 @@ class CountingScore:
     """Wrap ``score_fn(x, t)``: count calls (NFE), give ``t`` shape (B,) in x's dtype, check the output shape.
 
     Samplers pass float64 times (scalars or (B,)); the wrapped function always sees a (B,) tensor
-    with x's dtype and device. The first call checks that the output is shaped like ``x``.
+    with x's dtype and device. The first call checks that the output is shaped like ``x``; the
+    output is returned in x's dtype.
     """
 
     def __init__(self, score_fn: ScoreFn):
@@ -63,7 +64,8 @@ class CountingScore:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
         self.nfe += 1
-        return out
+        # in x's dtype: a float64 score must not promote float32 samples (the next call would see float64 x)
+        return out.to(x.dtype)
 
 
 class Recorder:
