@@ -299,9 +299,11 @@ class _VPFamily(SDE):
         t = self._clamp(torch.as_tensor(t))
         if self.schedule == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        phi, _ = self._cosine_phi(t)
+        # cos(phi0 + d) / cos(phi0) = 1 - 2 sin^2(d / 2) - tan(phi0) sin(d) with d = phi(t) - phi(0): no
+        # cancellation at small t (log cos(phi) - log cos(phi0) loses all digits of float32 t near 0)
         phi0 = self.cosine_s / (1 + self.cosine_s) * (math.pi / 2)
-        return torch.log(torch.cos(phi)) - math.log(math.cos(phi0))
+        d = t * ((1.0 - self.cosine_tmax_margin) / (1 + self.cosine_s) * (math.pi / 2))
+        return torch.log1p(-(2 * torch.sin(0.5 * d) ** 2 + math.tan(phi0) * torch.sin(d)))
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """beta(t) = -2 d log alpha(t) / dt."""
