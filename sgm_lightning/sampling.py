@@ -42,6 +42,7 @@ Randomness comes only from ``generator``: the same seed gives the same samples.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 
 import torch
@@ -69,6 +70,21 @@ def _method_options(method: str) -> tuple[str, ...]:
     params = inspect.signature(_RUNNERS[method]).parameters
     fixed = {"score", "sde", "x", "steps", "eps", "generator", "denoise", "record"}
     return tuple(p for p in params if p not in fixed)
+
+
+def _hints(unknown: list[str], allowed: tuple[str, ...]) -> str:
+    """' (did you mean ...?)' for misspelled options, the methods that take an option of another method."""
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower(), ("steps", "generator", *allowed), n=1, cutoff=0.6)
+        owners = [m for m in METHODS if name in _method_options(m)]
+        if close:
+            hints.append(f"{name!r}: did you mean {close[0]!r}?")
+        elif owners:
+            hints.append(f"{name!r} is an option of method={' / '.join(owners)}")
+        elif name == "seed":
+            hints.append("for a seed s pass generator=torch.Generator().manual_seed(s)")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -101,7 +117,8 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     allowed = _COMMON + _method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {', '.join(allowed)}")
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}{_hints(unknown, allowed)}; "
+                         f"allowed options: steps, generator, {', '.join(allowed)}")
     if steps is None:
         steps = default_steps(method, sde)
     else:

@@ -109,3 +109,14 @@ def test_cosine_schedule_float32_times(cls):
     phi = lambda u: (u * (1 - m) + s) / (1 + s) * math.pi / 2  # noqa: E731
     alpha2 = (torch.cos(phi(t)) / math.cos(phi(0.0))) ** 2
     torch.testing.assert_close(sde.marginal_coeffs(t)[0] ** 2, alpha2, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("method,options,fix", [
+    ("ddim", {"step": 10}, "did you mean 'steps'"),  # the named arguments were missing from the allowed list
+    ("pc", {"corector": "none"}, "did you mean 'corrector'"),
+    ("ddpm", {"eta": 1.0}, "option of method=ddim"),
+    ("ddim", {"seed": 0}, r"generator=torch\.Generator\(\)\.manual_seed"),
+])
+def test_unknown_option_error_names_the_fix(method, options, fix):
+    with pytest.raises(ValueError, match=fix):
+        sample(FN, SDE, (4, 2), method, **options)
