@@ -20,6 +20,7 @@ Data may have any shape (B, ...); ``t`` has shape (B,). Coefficients are compute
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -122,13 +123,22 @@ class SDE(ABC):
 
     def prior_sampling(self, shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32):
         """Draw x_T ~ p_T = N(0, prior_std^2 I) of the given shape (B, ...)."""
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1
+                and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise ValueError(f"shape must be a tuple of ints (B, ...), e.g. (16, 2), got {shape!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                             "(for a seed s pass generator=torch.Generator().manual_seed(s))")
         if device is None and generator is not None:
             device = generator.device
-        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        z = torch.randn(tuple(int(s) for s in shape), generator=generator, device=device, dtype=dtype)
         return z * self.prior_std
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log p_T(z) per example, shape (B,)."""
+        if not isinstance(z, torch.Tensor) or z.ndim < 1:
+            got = f"a {z.ndim}-d tensor" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"prior_logp takes a batch z of shape (B, ...) (one example: z[None]), got {got}")
         D = z[0].numel()
         s = self.prior_std
         sq = z.reshape(z.shape[0], -1).pow(2).sum(dim=1)

@@ -120,3 +120,14 @@ def test_cosine_schedule_float32_times(cls):
 def test_unknown_option_error_names_the_fix(method, options, fix):
     with pytest.raises(ValueError, match=fix):
         sample(FN, SDE, (4, 2), method, **options)
+
+
+def test_prior_bad_input_names_the_problem():
+    """prior_sampling(4) / prior_sampling(shape, generator=0) / prior_logp(0-d) raised TypeError /
+    AttributeError / IndexError naming nothing."""
+    with pytest.raises(ValueError, match="shape must be a tuple"):
+        SDE.prior_sampling(4)
+    with pytest.raises(ValueError, match=r"manual_seed"):
+        SDE.prior_sampling((4, 2), generator=0)
+    with pytest.raises(ValueError, match=r"shape \(B, \.\.\.\)"):
+        SDE.prior_logp(torch.tensor(0.5))
