@@ -131,3 +131,23 @@ def test_prior_bad_input_names_the_problem():
         SDE.prior_sampling((4, 2), generator=0)
     with pytest.raises(ValueError, match=r"shape \(B, \.\.\.\)"):
         SDE.prior_logp(torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("solver,steps", [("euler", 5), ("srk", 3), ("milstein", 2)])
+def test_sde_method_reports_every_step(solver, steps):
+    """method="sde" called the callback (and filled the trajectory) once, at the end, whatever the
+    number of steps. Now once per step, t decreasing from T to eps, without changing the samples."""
+    seen = []
+    kw = dict(steps=steps, solver=solver, denoise=False)
+    a = sample(FN, SDE, (3, 2), "sde", generator=torch.Generator().manual_seed(0), return_trajectory=True,
+               callback=lambda i, t, x: seen.append((i, t, x.clone())), **kw)
+    b = sample(FN, SDE, (3, 2), "sde", generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a.samples, b.samples) and a.nfe == b.nfe
+    assert [i for i, _, _ in seen] == list(range(steps)) and len(a.trajectory) == steps
+    times = [t for _, t, _ in seen]
+    assert times[-1] == SDE.default_eps
+    step = (SDE.T - SDE.default_eps) / steps
+    assert all(abs(t - (SDE.T - (i + 1) * step)) < 1e-4 * step for i, t in enumerate(times))
+    assert all(torch.equal(x, y) for (_, _, x), y in zip(seen, a.trajectory))
+    assert torch.equal(a.trajectory[-1], a.samples)
+    assert all(not torch.equal(x, y) for x, y in zip(a.trajectory, a.trajectory[1:]))

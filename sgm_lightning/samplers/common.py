@@ -77,6 +77,11 @@ class Recorder:
         self.callback = callback
         self.trajectory: list[torch.Tensor] | None = [] if keep else None
 
+    @property
+    def active(self) -> bool:
+        """True when something is recorded (samplers may then skip collecting intermediate iterates)."""
+        return self.callback is not None or self.trajectory is not None
+
     def __call__(self, i: int, t, x: torch.Tensor) -> None:
         if self.trajectory is not None:
             self.trajectory.append(x.detach().clone())
