@@ -33,7 +33,8 @@ may be "hmc" (options hmc_leapfrog, hmc_persistence). PF-ODE encoding: ``encode`
 ``slerp``, ``interpolate`` (``sgm_lightning.samplers.encode``).
 
 Options common to all methods: ``eps`` (end time, default ``sde.default_eps``), ``device``,
-``dtype`` (float32), ``x_T`` (start point instead of ``sde.prior_sampling``), ``callback(i, t, x)``
+``dtype`` (float32, or x_T's floating dtype when x_T is given), ``x_T`` (start point instead of
+``sde.prior_sampling``), ``callback(i, t, x)``
 (after every step), ``return_trajectory`` (False), ``denoise`` (True: the last step returns the
 noise-free mean / Tweedie's x0_hat, as in the literature).
 Randomness comes only from ``generator``: the same seed gives the same samples.
@@ -41,12 +42,13 @@ Randomness comes only from ``generator``: the same seed gives the same samples.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 
 import torch
 
 from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_sde, heun, ode, pc, sde_solve, unipc
-from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
+from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult, check_flag, check_number
 from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_choice, check_int
@@ -68,6 +70,21 @@ def _method_options(method: str) -> tuple[str, ...]:
     params = inspect.signature(_RUNNERS[method]).parameters
     fixed = {"score", "sde", "x", "steps", "eps", "generator", "denoise", "record"}
     return tuple(p for p in params if p not in fixed)
+
+
+def _hints(unknown: list[str], allowed: tuple[str, ...]) -> str:
+    """' (did you mean ...?)' for misspelled options, the methods that take an option of another method."""
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower(), ("steps", "generator", *allowed), n=1, cutoff=0.6)
+        owners = [m for m in METHODS if name in _method_options(m)]
+        if close:
+            hints.append(f"{name!r}: did you mean {close[0]!r}?")
+        elif owners:
+            hints.append(f"{name!r} is an option of method={' / '.join(owners)}")
+        elif name == "seed":
+            hints.append("for a seed s pass generator=torch.Generator().manual_seed(s)")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -100,18 +117,27 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     allowed = _COMMON + _method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {', '.join(allowed)}")
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}{_hints(unknown, allowed)}; "
+                         f"allowed options: steps, generator, {', '.join(allowed)}")
     if steps is None:
         steps = default_steps(method, sde)
     else:
         steps = check_int("steps (None: the method's default)", steps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                         "(for a seed s pass generator=torch.Generator().manual_seed(s))")
     eps = options.pop("eps", None)
-    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
-        raise ValueError(f"eps must be a number with 0 < eps < T={sde.T}, got {eps!r}")
-    dtype = options.pop("dtype", torch.float32)
+    if eps is not None:
+        eps = check_number("eps", eps, 0.0, sde.T, open_ends=True, what=f" with 0 < eps < T={sde.T}")
+    x_T = options.pop("x_T", None)
+    if x_T is not None and (not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape):
+        got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
+    # default dtype: x_T's when it is a floating tensor (a float64 start point stays float64), else float32
+    default_dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.float32
+    dtype = options.pop("dtype", default_dtype)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
-    x_T = options.pop("x_T", None)
     device = options.pop("device", None)
     if device is None:
         device = x_T.device if x_T is not None else (generator.device if generator is not None else "cpu")
@@ -119,12 +145,10 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     if x_T is None:
         x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
     else:
-        if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != shape:
-            got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
-            raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
         x = x_T.to(device=device, dtype=dtype)
-    record = Recorder(options.pop("callback", None), bool(options.pop("return_trajectory", False)))
-    denoise = bool(options.pop("denoise", True))
+    keep = check_flag("return_trajectory", options.pop("return_trajectory", False))
+    record = Recorder(options.pop("callback", None), keep)
+    denoise = check_flag("denoise", options.pop("denoise", True))
     score = CountingScore(score_fn)
     with torch.no_grad():
         x = _RUNNERS[method](score, sde, x, steps=steps, eps=eps, generator=generator, denoise=denoise,

@@ -20,6 +20,7 @@ Data may have any shape (B, ...); ``t`` has shape (B,). Coefficients are compute
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -122,13 +123,22 @@ class SDE(ABC):
 
     def prior_sampling(self, shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32):
         """Draw x_T ~ p_T = N(0, prior_std^2 I) of the given shape (B, ...)."""
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1
+                and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise ValueError(f"shape must be a tuple of ints (B, ...), e.g. (16, 2), got {shape!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                             "(for a seed s pass generator=torch.Generator().manual_seed(s))")
         if device is None and generator is not None:
             device = generator.device
-        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        z = torch.randn(tuple(int(s) for s in shape), generator=generator, device=device, dtype=dtype)
         return z * self.prior_std
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log p_T(z) per example, shape (B,)."""
+        if not isinstance(z, torch.Tensor) or z.ndim < 1:
+            got = f"a {z.ndim}-d tensor" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"prior_logp takes a batch z of shape (B, ...) (one example: z[None]), got {got}")
         D = z[0].numel()
         s = self.prior_std
         sq = z.reshape(z.shape[0], -1).pow(2).sum(dim=1)
@@ -299,9 +309,11 @@ class _VPFamily(SDE):
         t = self._clamp(torch.as_tensor(t))
         if self.schedule == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        phi, _ = self._cosine_phi(t)
+        # cos(phi0 + d) / cos(phi0) = 1 - 2 sin^2(d / 2) - tan(phi0) sin(d) with d = phi(t) - phi(0): no
+        # cancellation at small t (log cos(phi) - log cos(phi0) loses all digits of float32 t near 0)
         phi0 = self.cosine_s / (1 + self.cosine_s) * (math.pi / 2)
-        return torch.log(torch.cos(phi)) - math.log(math.cos(phi0))
+        d = t * ((1.0 - self.cosine_tmax_margin) / (1 + self.cosine_s) * (math.pi / 2))
+        return torch.log1p(-(2 * torch.sin(0.5 * d) ** 2 + math.tan(phi0) * torch.sin(d)))
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """beta(t) = -2 d log alpha(t) / dt."""

@@ -68,7 +68,12 @@ def check_positive(name: str, value, *, integer: bool = False) -> None:
     """Raise a ValueError naming the argument when ``value`` is not > 0 (``integer=True``: ``check_int``)."""
     if integer:
         check_int(name, value)
-    elif not value > 0:
+        return
+    try:
+        positive = bool(value > 0)
+    except (TypeError, RuntimeError, ValueError):  # a string, None, a tensor of several numbers: not a number
+        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    if not positive:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_number, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, randn_like
@@ -87,8 +87,7 @@ def ddim(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
     DDPM posterior step. Grid: ``linspace(T, eps, steps)`` (eps = ``sde.default_eps`` unless given),
     then a final step to t = 0 that adds no noise.
     """
-    if not (isinstance(eta, (int, float)) and eta >= 0):
-        raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta!r}")
+    eta = check_number("eta", eta, 0.0, what=" >= 0 (0 = deterministic DDIM, 1 = DDPM)")
     grid = ancestral_grid(sde, steps, sde.default_eps if eps is None else eps, grid, device=x.device)
     for i in range(steps):
         t, s = batch_time(grid[i], x), batch_time(grid[i + 1], x)

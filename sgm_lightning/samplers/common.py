@@ -1,4 +1,4 @@
-"""Shared sampler plumbing: result type, NFE counting, time grids, Tweedie denoising, Langevin step.
+"""Shared sampler plumbing: result type, NFE counting, time grids, Tweedie denoising, Langevin step, option checks.
 
 Every sampler family (``pc``, ``ancestral``, ``ode``, ``heun``, ``ald``) is a function
 
@@ -14,6 +14,8 @@ to the data's dtype only when ``score_fn`` is called.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +46,8 @@ class CountingScore:
     """Wrap ``score_fn(x, t)``: count calls (NFE), give ``t`` shape (B,) in x's dtype, check the output shape.
 
     Samplers pass float64 times (scalars or (B,)); the wrapped function always sees a (B,) tensor
-    with x's dtype and device. The first call checks that the output is shaped like ``x``.
+    with x's dtype and device. The first call checks that the output is shaped like ``x``; the
+    output is returned in x's dtype.
     """
 
     def __init__(self, score_fn: ScoreFn):
@@ -61,7 +64,8 @@ class CountingScore:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
         self.nfe += 1
-        return out
+        # in x's dtype: a float64 score must not promote float32 samples (the next call would see float64 x)
+        return out.to(x.dtype)
 
 
 class Recorder:
@@ -73,11 +77,42 @@ class Recorder:
         self.callback = callback
         self.trajectory: list[torch.Tensor] | None = [] if keep else None
 
+    @property
+    def active(self) -> bool:
+        """True when something is recorded (samplers may then skip collecting intermediate iterates)."""
+        return self.callback is not None or self.trajectory is not None
+
     def __call__(self, i: int, t, x: torch.Tensor) -> None:
         if self.trajectory is not None:
             self.trajectory.append(x.detach().clone())
         if self.callback is not None:
             self.callback(i, float(t), x)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool; a ValueError naming the option unless it is True / False (or 1 / 0).
+
+    ``bool("False")`` is True: a string must not silently turn an option on.
+    """
+    try:
+        ok = not isinstance(value, (str, bytes)) and value in (True, False)
+    except (TypeError, RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, open_ends: bool = False,
+                 hi_open: bool = False, what: str = "") -> float:
+    """``value`` as a float; a ValueError naming the option unless it is a real number (Python or NumPy
+    scalar, not a bool, not NaN) with lo <= value <= hi (strict at both ends with ``open_ends``, at
+    ``hi`` with ``hi_open``). ``what`` states the range in the message."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        lo < value < hi if open_ends else lo <= value and (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be a number{what}, got {value!r}")
+    return float(value)
 
 
 def batch_time(t, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_number, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import check_positive, randn_like
@@ -36,9 +36,9 @@ def heun(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
          grid: str = "karras") -> torch.Tensor:
     """Heun's 2nd-order sampler on the Karras grid (Karras et al. 2022, Alg. 1 / 2); see module doc."""
-    for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        if not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v!r}")
+    s_churn, s_tmin, s_noise = (check_number(name, v, 0.0, what=" >= 0")
+                                for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)))
+    s_tmax = check_number("s_tmax", s_tmax, what=" (a noise-to-signal level; math.inf: no upper bound)")
     eps = sde.default_eps if eps is None else eps
     T64 = torch.tensor(sde.T, dtype=torch.float64)
     check_positive("rho", rho)

@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 
 from sgm_lightning.samplers.ancestral import posterior_step
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm
+from sgm_lightning.samplers.common import (CountingScore, Recorder, batch_time, check_number, langevin_step,
+                                          per_example_norm)
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_int, check_positive, randn_like
@@ -123,8 +124,7 @@ def pc(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: floa
     check_choice("snr_norm", snr_norm, SNR_NORMS)
     corrector_steps = check_int("corrector_steps", corrector_steps, min=0)
     hmc_leapfrog = check_int("hmc_leapfrog", hmc_leapfrog)
-    if not (isinstance(hmc_persistence, (int, float)) and 0 <= hmc_persistence < 1):
-        raise ValueError(f"hmc_persistence must be a number in [0, 1), got {hmc_persistence!r}")
+    hmc_persistence = check_number("hmc_persistence", hmc_persistence, 0.0, 1.0, hi_open=True, what=" in [0, 1)")
     n_corr = corrector_steps if corrector != "none" else 0
     if predictor == "none" and n_corr == 0:
         raise ValueError("predictor='none' needs corrector='langevin' or 'hmc' with corrector_steps >= 1")

@@ -16,7 +16,8 @@ rejections when adaptive. Options: ``solver`` (euler | milstein | srk),
 number of uniform steps (the initial step when adaptive). torchsde steps on its own uniform grid,
 so these solvers take no ``grid`` option. Images are flattened to (B, D) for torchsde. With
 ``denoise=True`` the result is Tweedie's x0_hat at eps (one extra NFE). The Brownian path is drawn
-from a seed taken from ``generator``.
+from a seed taken from ``generator``. The callback / trajectory see every step's iterate (adaptive:
+only the end point, as the steps are not known in advance).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_flag, tweedie_x0
 from sgm_lightning.sde import SDE
 from sgm_lightning.utils import bcast, check_choice, check_positive
 
@@ -65,6 +66,21 @@ class _TorchsdeReverse(torch.nn.Module):
         return bcast(g, y).expand_as(y)
 
 
+def _output_times(span: float, dt: float, steps: int, y0: torch.Tensor, every_step: bool) -> torch.Tensor:
+    """torchsde's output times in tau: [0, span], or every step time when the callback / trajectory
+    wants each iterate. torchsde steps t -> min(t + dt, span) and interpolates linearly at output times,
+    so the step times are accumulated here exactly as it does: each output then falls on a step
+    (the interpolation returns the iterate itself) and the steps, hence the samples, are unchanged."""
+    ends = torch.tensor([0.0, span], dtype=y0.dtype, device=y0.device)
+    if not every_step or steps == 1:
+        return ends
+    taus = [ends[0]]
+    for _ in range(steps - 1):
+        taus.append(taus[-1] + dt)
+    ts = torch.stack(taus + [ends[1]])
+    return ts if bool((ts[1:] > ts[:-1]).all()) else ends
+
+
 def sde_solve(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,
               generator: torch.Generator | None, denoise: bool, record: Recorder, solver: str = "srk",
               adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3) -> torch.Tensor:
@@ -72,6 +88,7 @@ def sde_solve(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, ep
     import torchsde
 
     check_choice("solver", solver, SDE_SOLVERS)
+    adaptive = check_flag("adaptive", adaptive)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
     eps = sde.default_eps if eps is None else eps
@@ -79,14 +96,16 @@ def sde_solve(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, ep
     y0 = x.reshape(shape[0], -1)
     span = sde.T - eps
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
-    ts = torch.tensor([0.0, span], dtype=y0.dtype, device=y0.device)
+    # dt a hair above span / steps: float rounding must not add an (n + 1)-th sliver step
+    dt = span / steps * (1 + 1e-5)
+    ts = _output_times(span, dt, steps, y0, every_step=record.active and not adaptive)
     bm = torchsde.BrownianInterval(t0=0.0, t1=float(ts[-1]), size=y0.shape, dtype=y0.dtype, device=y0.device,
                                    entropy=seed, levy_area_approximation="space-time" if solver == "srk" else "none")
-    # dt a hair above span / steps: float rounding must not add an (n + 1)-th sliver step
     ys = torchsde.sdeint(_TorchsdeReverse(sde, score, shape, x.dtype), y0, ts, bm=bm, method=solver,
-                         dt=span / steps * (1 + 1e-5), adaptive=bool(adaptive), rtol=rtol, atol=atol)
+                         dt=dt, adaptive=adaptive, rtol=rtol, atol=atol)
+    for i in range(1, len(ts)):
+        record(i - 1, eps if i == len(ts) - 1 else sde.T - float(ts[i]), ys[i].reshape(shape))
     x = ys[-1].reshape(shape)
-    record(0, eps, x)
     if denoise:
         t_eps = batch_time(torch.tensor(eps, dtype=torch.float64), x)
         x = tweedie_x0(sde, x, t_eps, score(x, t_eps))
