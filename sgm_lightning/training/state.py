@@ -168,7 +168,8 @@ class TrainingStateMixin:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from sgm_lightning.training.loop_state import resume_between_epochs
-        resume_between_epochs(checkpoint)  # before Lightning restores its loops from it
+        # before Lightning restores its loops from it; the logger step is put back at the first batch
+        self._resume_logger_step = resume_between_epochs(checkpoint)
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
             if self.hparams.get("ema_halflife_img") is None:
@@ -182,6 +183,12 @@ class TrainingStateMixin:
             self._pending_torch_rng = {k: _rank_state(rng.get(k), self.global_rank) for k in ("torch", "cuda")}
             self._generator = None
             self._pending_rng = rng
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        step = self.__dict__.get("_resume_logger_step")
+        if step is not None:  # the first batch after a resume between two epochs (resume_between_epochs)
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = step
+            self._resume_logger_step = None
 
     def on_train_start(self) -> None:
         # Lightning creates the training dataloader iterator (which draws a base seed from the global
