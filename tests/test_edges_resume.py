@@ -146,3 +146,27 @@ def test_cosine_run_interrupted_by_max_steps_resumes_exactly(tmp_path):
     run(tmp_path / "part", "trainer.max_steps=3", *cosine)
     resumed = run(tmp_path / "part", "trainer.max_steps=5", "ckpt_path=last", *cosine)
     assert_same_run_state(full, resumed)
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_switched_on_at_resume_starts_at_the_checkpoint_weights():
+    """A checkpoint trained without EMA (``ema_decay=0``) resumed with EMA: the average starts at the
+    resumed weights (as a fresh EMA starts at the current ones), not at this run's random init."""
+    from test_ema_schedule import tiny
+    src = tiny(ema_decay=0)
+    with torch.no_grad():
+        for p in src.score_model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ckpt = {"state_dict": src.state_dict()}
+    src.on_save_checkpoint(ckpt)
+    assert "ema" not in ckpt
+    dst = tiny(ema_decay=0.9, ema_warmup=False)
+    dst.on_load_checkpoint(ckpt)
+    dst.load_state_dict(ckpt["state_dict"])
+    params = list(dst.score_model.parameters())
+    assert all(torch.equal(s, p) for s, p in zip(dst.ema.shadow_params, params))
+    w = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        params[0].add_(1.0)
+    dst.ema_update()
+    torch.testing.assert_close(dst.ema.shadow_params[0], w[0] + 0.1, rtol=0, atol=1e-6)  # 0.9 w + 0.1 (w + 1)

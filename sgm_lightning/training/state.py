@@ -174,6 +174,13 @@ class TrainingStateMixin:
             self.ema.load_state_dict(checkpoint["ema"])
             if self.hparams.get("ema_halflife_img") is None:
                 self.ema.decay = float(self.hparams.ema_decay)  # this run's setting, not the file's
+        elif self.ema is not None and "state_dict" in checkpoint:
+            # a file without EMA (ema_decay=0): the average starts at its weights, not at this run's init
+            weights = checkpoint["state_dict"]
+            with torch.no_grad():
+                for shadow, (name, _) in zip(self.ema.shadow_params, self.score_model.named_parameters()):
+                    if f"score_model.{name}" in weights:
+                        shadow.copy_(weights[f"score_model.{name}"])
         interval = checkpoint.get("train_loss_interval")
         if interval is not None and hasattr(self, "_interval_steps"):
             self._interval_loss = torch.tensor(float(interval["sum"]), dtype=torch.float32)
