@@ -80,8 +80,9 @@ def _logged_steps(run_dir) -> dict[str, list[int]]:
     return steps
 
 
-@pytest.mark.parametrize("validation", [["trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1"],
-                                        ["trainer.val_check_interval=3"]], ids=["every_epoch", "every_3_steps"])
+@pytest.mark.parametrize("validation", [
+    pytest.param(["trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1"], id="every_epoch"),
+    pytest.param(["trainer.val_check_interval=3"], id="every_3_steps", marks=pytest.mark.slow)])  # same path
 def test_validation_at_the_last_batch_before_the_stop_keeps_the_logger_step(tmp_path, validation):
     """Validation ran at the epoch's last batch, which was the last step: the resumed run's logger
     step counter (``_batches_that_stepped``) was one ahead, every later metric logged one step late."""
@@ -138,6 +139,7 @@ def test_resumed_schedule_follows_this_runs_config():
     assert same.lr_lambdas[0].total_steps == 8
 
 
+@pytest.mark.slow  # the unit test above covers the schedule; this is the train.py route
 def test_cosine_run_interrupted_by_max_steps_resumes_exactly(tmp_path):
     """``lr_schedule.total_steps`` defaults to ``trainer.max_steps``: a run stopped with a smaller
     max_steps and resumed with the full one ends as the uninterrupted run."""
