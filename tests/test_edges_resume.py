@@ -172,3 +172,25 @@ def test_ema_switched_on_at_resume_starts_at_the_checkpoint_weights():
         params[0].add_(1.0)
     dst.ema_update()
     torch.testing.assert_close(dst.ema.shadow_params[0], w[0] + 0.1, rtol=0, atol=1e-6)  # 0.9 w + 0.1 (w + 1)
+
+
+def test_ema_scope_leaves_no_copy_of_the_weights_in_checkpoints_and_nests():
+    """After an EMA scope (validation, sample grids) torch-ema kept its copy of the raw weights
+    (``collected_params``) in every later checkpoint: a checkpoint's EMA state then depended on
+    whether a validation had run since the run (re)started (a resumed run differed from the
+    uninterrupted one) and held a second copy of the weights. A nested scope used to restore the
+    EMA weights as the raw ones (the inner ``store`` overwrote the outer copy)."""
+    from test_ema_schedule import tiny
+    module = tiny(ema_decay=0.9)
+    params = list(module.score_model.parameters())
+    with torch.no_grad():
+        params[0].add_(1.0)  # raw weights != EMA weights
+    raw = [p.detach().clone() for p in params]
+    with module.ema_scope():
+        with module.ema_scope():  # e.g. an evaluation callback inside EMACallback's validation scope
+            assert torch.equal(params[0], module.ema.shadow_params[0])
+        assert torch.equal(params[0], module.ema.shadow_params[0])
+    assert all(torch.equal(p, r) for p, r in zip(params, raw))
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["ema"]["collected_params"] is None

@@ -78,12 +78,18 @@ class TrainingStateMixin:
     @contextlib.contextmanager
     def ema_scope(self, use_ema: bool = True):
         """Temporarily swap the EMA weights into the model (no-op without EMA or when use_ema=False)."""
-        if not use_ema or self.ema is None:
+        if not use_ema or self.ema is None or self.__dict__.get("_in_ema_scope"):  # nested: already swapped in
             yield
             return
         self.ema.to(self.device)
-        with self.ema.average_parameters(self.score_model.parameters()):
-            yield
+        self.__dict__["_in_ema_scope"] = True
+        try:
+            with self.ema.average_parameters(self.score_model.parameters()):
+                yield
+        finally:
+            self.__dict__["_in_ema_scope"] = False
+            # the raw weights are back: torch-ema's copy of them would ride along in every checkpoint
+            self.ema.collected_params = None
 
     def ema_update(self, images_per_step: int | None = None) -> None:
         """One EMA step on the current weights (called by ``EMACallback`` after each optimizer step).
