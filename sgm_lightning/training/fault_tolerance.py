@@ -12,7 +12,9 @@ Preemption (``PreemptionCheckpoint``)
     not active) just sets a flag; so does our SIGTERM handler, which replaces Lightning's while
     training runs (Lightning's runs a ``dist.broadcast`` inside the signal handler, which can
     interleave with a DDP step's collectives and hang). At the next step boundary
-    (``on_train_batch_end``, flag OR-reduced over ranks so that all of them agree) the callback writes
+    (``on_train_batch_end`` of a batch that ends an optimizer step: under gradient accumulation not
+    between two micro-batches, whose gradients no checkpoint holds; flag OR-reduced over ranks so
+    that all of them agree) the callback writes
     ``<checkpoints>/last.ckpt`` through the trainer (atomically, see ``checkpoint.AtomicCheckpointIO``)
     and raises ``Preempted``. A SIGTERM that surfaces as Lightning's own ``SIGTERMException`` (before
     training starts) is caught in ``on_exception`` and the checkpoint is written there.
@@ -74,6 +76,14 @@ def _checkpoint_dir(trainer: Trainer, dirpath: Optional[str]) -> str:
 def _slurm_requeue_active(trainer: Trainer) -> bool:
     env = getattr(trainer.strategy, "cluster_environment", None)
     return bool(getattr(env, "auto_requeue", False)) and type(env).__name__ == "SLURMEnvironment"
+
+
+def _ends_optimizer_step(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether training batch ``batch_idx`` ended an optimizer step (``trainer.accumulate_grad_batches``
+    batches per step, fewer at the end of an epoch). Between two micro-batches the accumulated
+    gradients are in no checkpoint: a file written there would resume without them."""
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx + 1 >= trainer.num_training_batches
 
 
 class PreemptionCheckpoint(Callback):
@@ -155,7 +165,7 @@ class PreemptionCheckpoint(Callback):
         flag = self._signal is not None or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
-        if flag and not self._saved:
+        if flag and not self._saved and _ends_optimizer_step(trainer, batch_idx):
             why = f"received {self._signal or 'SIGTERM'}"
             path = self._save(trainer, why)
             rank_zero_info(f"[sgm_lightning] exiting with code {PREEMPTED_EXIT_CODE}; resume with ckpt_path=last.")

@@ -103,6 +103,12 @@ def use_step_end_loop_state(trainer, checkpoint: dict, snapshot: StepEndLoopStat
     state = snapshot.state_dict(trainer)
     saved = None if state is None else state["epoch_progress"]["current"]
     if saved is not None and saved["processed"] == saved["started"] - 1:  # closed after the snapshot
+        if state["epoch_loop.batch_progress"].get("is_last_batch"):
+            # resumed between two epochs (resume_between_epochs), where a validation at the epoch's
+            # last batch has run: its counters at save time, not the step end's (a resume from a
+            # mid-epoch step end replays them itself)
+            at_save = checkpoint["loops"]["fit_loop"]
+            state.update({k: v for k, v in at_save.items() if k.startswith("epoch_loop.val_loop.")})
         checkpoint["loops"]["fit_loop"] = state
         checkpoint["epoch"] = int(saved["completed"])
 
@@ -115,9 +121,15 @@ def _zero_counts(tree: dict) -> None:
             tree[k] = 0
 
 
-def resume_between_epochs(checkpoint: dict) -> None:
+def resume_between_epochs(checkpoint: dict) -> int | None:
     """Rewrite the fit-loop state of a checkpoint written at the end of an epoch's last step into the
     state between that epoch and the next one (in place, before Lightning restores its loops).
+    Returns the logger's step counter (``_batches_that_stepped``) the first batch of the resumed run
+    must start with, None when nothing was rewritten: Lightning 2.6 restores such a state as
+    "restarted on the last batch" and, when validation is due by its counters at the first batch
+    (``check_val_every_n_epoch``, or ``val_check_interval`` dividing the batches trained so far),
+    replays that batch's end once more, which advances the counter a second time; the caller puts
+    the value back at the first batch's start (every metric would be logged one step late).
 
     Lightning 2.6 restores such a file ("restarted mid-epoch, on train batch end, last batch") by
     closing the epoch, but then skips the next epoch's start counters: its epoch counters end up
@@ -128,12 +140,12 @@ def resume_between_epochs(checkpoint: dict) -> None:
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
-        return
+        return None
     epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
     at_step_end = batches["total"]["completed"] == batches["total"]["processed"] - 1
     mid_epoch = epochs["total"]["processed"] == epochs["total"]["started"] - 1
     if not (batches.get("is_last_batch") and at_step_end and mid_epoch):
-        return
+        return None
     for tracker in (epochs["total"], epochs["current"]):
         tracker["processed"] = tracker["completed"] = tracker["started"]
     batches["total"]["completed"] = batches["total"]["processed"]
@@ -153,3 +165,4 @@ def resume_between_epochs(checkpoint: dict) -> None:
     state = fit.setdefault("epoch_loop.state_dict", {})
     state["_batches_that_stepped"] = int(state.get("_batches_that_stepped", 0)) + 1
     checkpoint["epoch"] = int(epochs["current"]["completed"])
+    return state["_batches_that_stepped"]

@@ -56,10 +56,35 @@ class WarmupSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` of a ``WarmupSchedule`` whose settings stay this run's when a checkpoint is loaded.
+
+    ``LambdaLR.load_state_dict`` would overwrite them with the file's: a cosine run resumed with a
+    larger ``trainer.max_steps`` (``lr_schedule.total_steps`` follows it) kept the old length, so an
+    extended run trained on at ``min_lr_ratio * lr`` (0 by default) and a run stopped early by a
+    smaller ``max_steps`` resumed on the short schedule. The saved step count is kept, the settings
+    are this run's (as the EMA decay is), and the learning rate of the next step (restored with the
+    optimizer) is recomputed with them; with unchanged settings the state is the saved one, bitwise.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        settings = [dict(vars(fn)) for fn in self.lr_lambdas]
+        super().load_state_dict(state_dict)
+        for fn, own in zip(self.lr_lambdas, settings):
+            vars(fn).update(own)
+        lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]  # as get_lr
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [g["lr"].clone() if torch.is_tensor(g["lr"]) else g["lr"] for g in self.optimizer.param_groups]
+
+
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay: str = "constant",
                     total_steps: Optional[int] = None, min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant or cosine decay (stepped once per optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
+    return WarmupLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
 
 
 def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None) -> None:

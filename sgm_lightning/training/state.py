@@ -78,12 +78,18 @@ class TrainingStateMixin:
     @contextlib.contextmanager
     def ema_scope(self, use_ema: bool = True):
         """Temporarily swap the EMA weights into the model (no-op without EMA or when use_ema=False)."""
-        if not use_ema or self.ema is None:
+        if not use_ema or self.ema is None or self.__dict__.get("_in_ema_scope"):  # nested: already swapped in
             yield
             return
         self.ema.to(self.device)
-        with self.ema.average_parameters(self.score_model.parameters()):
-            yield
+        self.__dict__["_in_ema_scope"] = True
+        try:
+            with self.ema.average_parameters(self.score_model.parameters()):
+                yield
+        finally:
+            self.__dict__["_in_ema_scope"] = False
+            # the raw weights are back: torch-ema's copy of them would ride along in every checkpoint
+            self.ema.collected_params = None
 
     def ema_update(self, images_per_step: int | None = None) -> None:
         """One EMA step on the current weights (called by ``EMACallback`` after each optimizer step).
@@ -168,11 +174,19 @@ class TrainingStateMixin:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from sgm_lightning.training.loop_state import resume_between_epochs
-        resume_between_epochs(checkpoint)  # before Lightning restores its loops from it
+        # before Lightning restores its loops from it; the logger step is put back at the first batch
+        self._resume_logger_step = resume_between_epochs(checkpoint)
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
             if self.hparams.get("ema_halflife_img") is None:
                 self.ema.decay = float(self.hparams.ema_decay)  # this run's setting, not the file's
+        elif self.ema is not None and "state_dict" in checkpoint:
+            # a file without EMA (ema_decay=0): the average starts at its weights, not at this run's init
+            weights = checkpoint["state_dict"]
+            with torch.no_grad():
+                for shadow, (name, _) in zip(self.ema.shadow_params, self.score_model.named_parameters()):
+                    if f"score_model.{name}" in weights:
+                        shadow.copy_(weights[f"score_model.{name}"])
         interval = checkpoint.get("train_loss_interval")
         if interval is not None and hasattr(self, "_interval_steps"):
             self._interval_loss = torch.tensor(float(interval["sum"]), dtype=torch.float32)
@@ -182,6 +196,12 @@ class TrainingStateMixin:
             self._pending_torch_rng = {k: _rank_state(rng.get(k), self.global_rank) for k in ("torch", "cuda")}
             self._generator = None
             self._pending_rng = rng
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        step = self.__dict__.get("_resume_logger_step")
+        if step is not None:  # the first batch after a resume between two epochs (resume_between_epochs)
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = step
+            self._resume_logger_step = None
 
     def on_train_start(self) -> None:
         # Lightning creates the training dataloader iterator (which draws a base seed from the global

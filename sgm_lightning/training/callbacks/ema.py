@@ -39,6 +39,11 @@ class EMACallback(L.Callback):
             pl_module.ema.to(pl_module.device)
         self._last_step = trainer.global_step
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run restores global_step after on_fit_start: read it again, or the first batch
+        # (a micro-batch that does not step, under gradient accumulation) would count as a step
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # with gradient accumulation an optimizer step happens only when global_step moves
         if trainer.global_step != self._last_step:
