@@ -135,7 +135,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], current:
 
 def check_checkpoint(ckpt_path: str, current_config: Optional[Mapping] = None) -> dict:
     """Load ``ckpt_path`` safely (clear error when missing / corrupt / foreign) and compare its
-    stored net / sde config with ``current_config``; returns the loaded checkpoint."""
+    stored net / sde / parametrization config with ``current_config``; returns the loaded checkpoint."""
     ckpt = load_checkpoint(ckpt_path, require_sgm=True)
     if current_config is not None:
         check_compatible(ckpt, to_plain(current_config), path=str(ckpt_path))

@@ -250,3 +250,19 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, max_steps, expected_file
     assert ckpt["global_step"] == max_steps
     assert torch.equal(ckpt["state_dict"]["lin.weight"], module.lin.weight.detach())
     assert set(os.listdir(tmp_path / "checkpoints")) == expected_files
+
+
+def test_resume_refuses_another_parametrization_and_accepts_older_checkpoints_without_it():
+    stored = {"net": {"ch": 8}, "sde": {"beta_max": 20.0}, "model": {"prediction": "eps", "label": None}}
+    ckpt = {"state_dict": {}, "sgm_config": stored}
+    cur = {"net": {"ch": 8}, "sde": {"beta_max": 20.0}, "model": {"prediction": "x0", "label": "log_sigma",
+                                                                  "ema_decay": 0.5}}
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(ckpt, cur, path="run/last.ckpt")
+    msg = str(e.value)
+    assert "model.prediction: checkpoint='eps', current='x0'" in msg
+    assert "model.label: checkpoint=None, current='log_sigma'" in msg and "model.prediction" in msg.split("Fix:")[1]
+    same = {"net": {"ch": 8}, "sde": {"beta_max": 20.0}, "model": {"prediction": "eps", "label": None, "ema_decay": 0.5}}
+    check_compatible(ckpt, same)  # other model settings (EMA, compile, ...) may change on resume
+    older = {"state_dict": {}, "sgm_config": {"net": {"ch": 8}, "sde": {"beta_max": 20.0}, "model": {}}}
+    check_compatible(older, cur)  # written before the parametrization was checked: not refused

@@ -15,7 +15,7 @@
   so every checkpoint we write loads under ``weights_only=True``.
 * ``load_checkpoint`` names the problem and the fix: missing file (lists the ``*.ckpt`` found next to
   it), corrupt / truncated file (suggests the previous checkpoint), not a sgm_lightning checkpoint,
-  and ``check_compatible`` lists the differing ``net`` / ``sde`` keys of an incompatible config.
+  and ``check_compatible`` lists the differing ``COMPAT_KEYS`` entries of an incompatible config.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 CONFIG_KEY = "sgm_config"  # ScoreLitModule.on_save_checkpoint stores the resolved net/sde/loss configs here
-COMPAT_KEYS = ("net", "sde")  # config groups that must match to load a checkpoint's weights
+# Config entries that must match to resume from a checkpoint's weights: the network, the forward process and
+# what the network's output and input label mean (another parametrization would reinterpret the weights).
+COMPAT_KEYS = ("net", "sde", "model.prediction", "model.label")
 
 
 class CheckpointError(ValueError):
@@ -248,11 +250,24 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _lookup(cfg: Mapping, dotted: str) -> Mapping:
+    for part in dotted.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, Mapping) else {}
+    return cfg if isinstance(cfg, Mapping) else {}
+
+
 def config_differences(stored: Mapping, current: Mapping, keys: Iterable[str] = COMPAT_KEYS) -> list[str]:
     """``"net.ch: checkpoint=128, current=64"`` lines for each leaf of ``keys`` that differs."""
     diffs = []
     for group in keys:
-        a, b = _flatten(stored.get(group, {}), group), _flatten(current.get(group, {}), group)
+        if "." in group:  # one entry of a group; checkpoints written before it was checked lack it: skip those
+            head, leaf = group.rsplit(".", 1)
+            sa, sb = _lookup(stored, head), _lookup(current, head)
+            if leaf not in sa:
+                continue
+            a, b = {group: sa[leaf]}, {group: sb.get(leaf, "<unset>")}
+        else:
+            a, b = _flatten(stored.get(group, {}), group), _flatten(current.get(group, {}), group)
         for k in sorted(set(a) | set(b)):
             va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
             if va != vb:
@@ -262,7 +277,7 @@ def config_differences(stored: Mapping, current: Mapping, keys: Iterable[str] = 
 
 def check_compatible(ckpt: Mapping, current: Mapping, path: str = "checkpoint",
                      keys: Iterable[str] = COMPAT_KEYS) -> None:
-    """Raise ``CheckpointError`` listing the differing ``net`` / ``sde`` keys of two configs.
+    """Raise ``CheckpointError`` listing the differing ``COMPAT_KEYS`` entries (net, sde, parametrization) of two configs.
 
     ``current`` is the (plain) config of this run; nothing is checked when the checkpoint stores
     no config.
@@ -274,5 +289,5 @@ def check_compatible(ckpt: Mapping, current: Mapping, path: str = "checkpoint",
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was trained with a different configuration: " + "; ".join(diffs)
-            + ". Fix: use the checkpoint's config (pass the same net/sde overrides it was trained with, "
-            "see its run dir's .hydra/config.yaml) or start fresh with ckpt_path=null.")
+            + ". Fix: use the checkpoint's config (pass the same net / sde / model.prediction / model.label "
+            "overrides it was trained with, see its run dir's .hydra/config.yaml) or start fresh with ckpt_path=null.")
