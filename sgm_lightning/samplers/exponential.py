@@ -12,39 +12,43 @@ and the reverse SDE (variation of constants in lambda; the form behind SDE-DPM-S
     x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t int_0^h 2 e^{-2(h - u)} x0_hat(lambda_s + u) du
           + sigma_t sqrt(1 - e^{-2h}) z.
 
-A multistep solver of order p approximates x0_hat(lambda) from the last p data predictions
-m_0 (at lambda_s), m_1, m_2 (earlier) and weighs them, x_t = ratio x_s + alpha_t sum_j w_j m_j,
-J_0 = 1 - e^{-ch} (c = 1 ODE, c = 2 SDE). Two weightings (``form``):
+A multistep solver of order p replaces x0_hat by the last p data predictions m_0 (at lambda_s),
+m_1, m_2 (earlier) with weights w_j: x_t = (sigma_t / sigma_s) x_s + alpha_t sum_j w_j m_j for the
+ODE, and (sigma_t / sigma_s) e^{-h} x_s + alpha_t sum_j w_j m_j + sigma_t sqrt(1 - e^{-2h}) z for
+the SDE (kernel c e^{-c(h - u)}, c = 1 ODE, c = 2 SDE). Two weightings (``form``):
 
   "kernel"  the polynomial through the p predictions (in lambda), integrated exactly against the
             kernel: with nodes r_j = (lambda_j - lambda_s) / h, sum_j w_j r_j^k = J_k = int_0^h
-            c e^{-c(h - u)} (u / h)^k du, J_k = 1 - k / (c h) J_{k-1} (``node_weights``).
-  "lu"      Lu et al.'s step forms (``lu_weights``), with r = (lambda_s - lambda_1) / h and
-            D = (m_0 - m_1) / r: order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2),
-            x_t = ratio x_s + alpha_t J_0 (m_0 + D / 2), i.e. alpha_t (1 - e^{-h}) times
-            (1 + 1/(2r)) m_0 - 1/(2r) m_1; with c = 2 it is the SDE-DPM-Solver++(2M) step of their
-            code ("midpoint"). Order 3 is multistep_dpm_solver_third_update of their code
-            (phi_2 D1 - phi_3 D2); its D2 ~ h^2 x0_hat'' / 2 gets the weight that h^2 x0_hat''
-            needs, so it converges at order 2 only (measured; ``python benchmarks/samplers.py
-            --forms``) and is kept for that comparison, not used by any method.
+            c e^{-c(h - u)} (u / h)^k du, J_0 = 1 - e^{-ch}, J_k = 1 - k / (c h) J_{k-1}
+            (``node_weights``).
+  "lu"      Lu et al.'s step forms (``lu_weights``). With r = (lambda_s - lambda_1) / h: order 2 is
+            DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), sum_j w_j m_j = (1 - e^{-h}) D,
+            D = (1 + 1/(2r)) m_0 - 1/(2r) m_1; with c = 2, (1 - e^{-2h}) D is the SDE-DPM-Solver++(2M)
+            step of their code (solver_type "midpoint"). Order 3 is multistep_dpm_solver_third_update
+            of their code, (1 - e^{-h}) m_0 + phi_2 D1 - phi_3 D2: its D2 ~ h^2 x0_hat'' / 2 carries the
+            weight -phi_3 that h^2 x0_hat'' needs (half the second-derivative term is lost), so it
+            converges at order 2 only; kept for the comparison below, no method uses it.
 
-Both agree at order 1 and are second order at order 2. Methods:
+Both forms are DDIM at order 1 and second order at order 2 (with different error constants).
+Methods:
 
     order 1 = DDIM (Song et al. 2021a, Eq. 12 with eta = 0; eta = 1 for the SDE kernel: DDPM),
-    "dpm2m" = DPM-Solver++(2M), form "lu" (Alg. 2),
-    "dpm_sde" = SDE-DPM-Solver++(2M), form "lu" (c = 2, midpoint),
-    "dpm3m" = DPM-Solver++(3M) written as the third-order "kernel" form (Adams-type exponential
-        integrator through three predictions); not the coefficient form of Lu et al.'s code above,
+    "dpm2m" = DPM-Solver++(2M): form "lu" (Alg. 2),
+    "dpm_sde" = SDE-DPM-Solver++(2M): form "lu" with c = 2 (midpoint),
+    "dpm3m" = DPM-Solver++(3M) as the third-order "kernel" form (an Adams-type exponential integrator
+        through three predictions), not the coefficient form of Lu et al.'s code,
     "unipc" = UniPC (Zhao et al. 2023, Alg. 2-3): the order-p predictor (UniP-p), then the corrector
         UniC-p, which adds the data prediction at the new point x_t as one more node (order p + 1)
         and reuses that evaluation for the next step: no extra NFE. The coefficients here are the
         exact kernel integrals of the interpolating polynomial (the varying-coefficient form), not
         the paper's B(h) fits.
 
-``benchmarks/samplers.py --forms`` compares the two forms (error against a tight reference solve on
-a Gaussian and a Gaussian mixture, VP / VE): at 10-50 steps "lu" is 1.4-4.4x more accurate for 2M
-on Gaussian data and 1.4-1.6x on the mixture (median over points), the kernel form of 3M is
-third order where Lu's is second.
+``python benchmarks/samplers.py --forms`` compares the two (PF-ODE endpoint error against the exact
+or a tight adaptive solve, Gaussian and 2-D mixture data, VP / VE): at 10-50 steps 2M's "lu" error is
+1.4-4.4x smaller on the Gaussian and 1.4-1.6x smaller on the mixture by the median over points (the
+worst point, near the boundary between the modes, is 1.0-2.9x better with "kernel"; at 5 steps
+"kernel" is ahead); on the Gaussian the SDE step's output mean and std are 1.8-17x closer. 3M's
+"kernel" form is third order where the code's form is second.
 
 Grid: ``steps`` times from T to eps on ``grid`` (default "logsnr", Lu et al.'s recommendation for
 few steps; "uniform", "karras" in ``grids``). The first steps warm up at lower order; with fewer
@@ -93,8 +97,8 @@ def lu_weights(nodes: list[float], h: float, c: float = 1.0) -> torch.Tensor:
     r0 = -nodes[-2]  # (lambda_s - lambda_1) / h
     if len(nodes) == 2:
         return torch.tensor([-j0 / (2 * r0), j0 * (1 + 1 / (2 * r0))], dtype=torch.float64)
-    if c != 1.0:
-        raise ValueError("the third-order 'lu' form is defined for the ODE (c = 1) only")
+    if len(nodes) != 3 or c != 1.0:
+        raise ValueError("the 'lu' form has 1-3 nodes, and 3 for the ODE (c = 1) only")
     r1 = nodes[-2] - nodes[-3]  # (lambda_1 - lambda_2) / h
     phi2 = math.expm1(-h) / h + 1.0
     phi3 = phi2 / h - 0.5
@@ -120,6 +124,8 @@ def exp_multistep(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int
                   rho: float = 7.0, form: str = "kernel") -> torch.Tensor:
     """Multistep exponential integrator in data prediction (see module doc); ``form`` = "kernel" | "lu"."""
     order = _check_order(order)
+    if form not in FORMS or (form == "lu" and corrector):
+        raise ValueError(f"form must be one of {tuple(FORMS)} ('kernel' with the UniC corrector), got {form!r}")
     weights = FORMS[form]
     eps = sde.default_eps if eps is None else eps
     times = make_grid(grid, sde, eps, steps, rho, device=x.device)
