@@ -178,6 +178,10 @@ def test_lu_third_order_weights_are_the_code_form():
     got = (lu_weights([-(r0 + r1), -r0, 0.0], h) * m).sum()
     assert abs(got - ref) < 1e-14
     assert not torch.allclose(lu_weights([-(r0 + r1), -r0, 0.0], h), node_weights([-(r0 + r1), -r0, 0.0], h))
+    sde = SDES["vp"]
+    with pytest.raises(ValueError, match="form"):  # UniC's extra node has no 'lu' weights
+        exp_multistep(CountingScore(GAUSS.score_fn(sde)), sde, torch.zeros(2, 2), steps=5, eps=None, generator=None,
+                      denoise=False, record=Recorder(), order=3, corrector=True, form="lu")
 
 
 def test_dpm_sde_step_is_the_midpoint_form():
