@@ -18,7 +18,8 @@ dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations)
             s_tmax, s_noise. steps default 18 (NFE 35).
     "ald"   annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); options steps_per_level (100),
             step_lr (2e-5). steps = number of noise levels, default 10.
-    "dpm2m", "dpm3m"  DPM-Solver++(2M) / (3M) (Lu et al. 2022b); options grid ("logsnr"), rho (7).
+    "dpm2m", "dpm3m"  DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) / a third-order multistep exponential integrator
+                      (exact kernel integrals; Lu et al.'s 3M code form is second order); options grid ("logsnr"), rho (7).
             steps default 10 (NFE = steps).
     "dpm_sde"  SDE-DPM-Solver++(2M); options grid, rho. steps default 20.
     "unipc" UniPC (Zhao et al. 2023); options order (2: UniP-2 + UniC, order 3), grid, rho.
