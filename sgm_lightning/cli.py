@@ -172,6 +172,15 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
         raise ConfigError("trainer.use_distributed_sampler must be false: the data modules shard every global "
                           "batch over the ranks themselves (exact resume); set trainer.use_distributed_sampler=false "
                           "(configs/trainer/default.yaml does)")
+    clip = _get(cfg, "trainer.gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0 or null: no clipping); a "
+                          "negative bound flips the gradients' sign (training would ascend the loss). Use e.g. "
+                          "trainer.gradient_clip_val=1.0, or trainer.gradient_clip_val=null to switch clipping off.")
+    interval = _get(cfg, "trainer.val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(f"trainer.val_check_interval={interval!r} must be > 0 (validation every that many optimizer "
+                          "steps); to skip validation use trainer.limit_val_batches=0")
     if data_shape is not None:
         check_data_vs_net(data_shape, _get(cfg, "net.in_channels"), _get(cfg, "net.image_size"),
                           _get(cfg, "net.channel_mults"))
@@ -277,10 +286,18 @@ def build(node: Any, **kwargs) -> Any:
     """``hydra.utils.instantiate``, re-raising a constructor's ValueError itself (one clear line)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
+        if isinstance(cause, MisconfigurationException):  # Lightning's bad-setting errors (Trainer, callbacks)
+            key = str(e).rpartition("full_key: ")[2].strip() or "the config"
+            hint = (" No CUDA GPU is visible: use trainer=cpu or trainer=default (accelerator=auto), or run on a "
+                    "machine with a GPU." if "gpu" in str(cause).lower() or "cuda" in str(cause).lower() else
+                    f" Fix the {key}.* setting it names.")
+            text = str(cause).strip()
+            raise ConfigError(f"{key}: {text}{'' if text.endswith(('.', '!')) else '.'}{hint}") from None
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
         raise

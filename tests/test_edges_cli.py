@@ -1,0 +1,102 @@
+"""Edge cases of the two CLIs and their configs (held-out-check audit): bad trainer settings that
+Lightning or torch accept silently or answer with a traceback, sample.py's checkpoint argument (a
+run directory, ``last``), and sample.py / evaluate never overwriting the files of an earlier call.
+
+Cases run ``train.py``'s / ``sample.py``'s main body in-process on a config composed by Hydra exactly
+as on the command line (``run_cli(...)(cfg)``), which is fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_QUIET
+
+from sgm_lightning.cli import run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [*TINY_QUIET, "trainer.max_steps=2"]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_sgm_edges_{name}", os.path.join(REPO, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _compose(config: str, overrides):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+        return compose(config_name=config, overrides=list(overrides))
+
+
+def run_train(tmp_path, capsys, *overrides):
+    """(exit code, stderr) of train.py's main body; exit code None when it ran to the end."""
+    cfg = _compose("train", [*TINY, f"run_dir={tmp_path / 'run'}", *overrides])
+    try:
+        run_cli(_script("train").train)(cfg)
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    return None, capsys.readouterr().err
+
+
+def run_sample(out_dir, capsys, *overrides):
+    """(exit code or the returned paths, stderr) of sample.py's main body."""
+    cfg = _compose("sample", [f"out_dir={out_dir}", "device=cpu", *overrides])
+    try:
+        return run_cli(_script("sample").sample_main)(cfg), capsys.readouterr().err
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("SGM_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with the layout train.py writes: <run_dir>/checkpoints/last.ckpt (tiny U-Net)."""
+    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = instantiate(SDE)
+    torch.manual_seed(0)
+    module = ScoreLitModule(net=instantiate(NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            ema_decay=0.9, config={"net": NET, "sde": SDE, "loss": LOSS, "data": DATA})
+    run = tmp_path_factory.mktemp("run")
+    (run / "checkpoints").mkdir()
+    write_checkpoint(module, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+# ----------------------------------------------------------------------------- train.py: trainer settings
+def test_negative_gradient_clip_val_is_an_error(tmp_path, capsys):
+    """A negative clipping bound makes clip / norm < 0: the gradients' sign flips and training ascends
+    the loss (torch.nn.utils.clip_grad_norm_ does the same); it must stop before training."""
+    code, err = run_train(tmp_path, capsys, "trainer.gradient_clip_val=-1.0")
+    assert code == 2 and "Error: trainer.gradient_clip_val=-1.0 must be a number >= 0" in err
+    assert "trainer.gradient_clip_val=1.0" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # stopped before the first step
+
+
+def test_zero_val_check_interval_is_an_error(tmp_path, capsys):
+    code, err = run_train(tmp_path, capsys, "trainer.val_check_interval=0")  # Lightning: modulo by zero
+    assert code == 2 and "trainer.val_check_interval=0 must be > 0" in err and "limit_val_batches=0" in err
+
+
+def test_lightning_misconfiguration_is_one_clear_error(tmp_path, capsys):
+    code, err = run_train(tmp_path, capsys, "callbacks.checkpoint.every_n_train_steps=-1")
+    assert code == 2 and err.startswith("Error: callbacks.checkpoint: Invalid value for every_n_train_steps=-1")
+    assert "Traceback" not in err
+    if not torch.cuda.is_available():
+        code, err = run_train(tmp_path, capsys, "trainer=gpu")
+        assert code == 2 and "Error: trainer: No supported gpu backend found!" in err and "trainer=cpu" in err
