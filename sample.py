@@ -35,10 +35,11 @@ def sample_main(cfg: DictConfig) -> dict:
     """Run the configured mode; returns the written paths (and figures)."""
     import torch
 
-    from sgm_lightning.cli import config_defaults, validate_sample_config
+    from sgm_lightning.cli import config_defaults, sample_checkpoint, validate_sample_config
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
     mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
+    cfg.ckpt_path = sample_checkpoint(cfg.ckpt_path)  # a run dir -> its checkpoints/last.ckpt
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)

@@ -128,9 +128,40 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], current:
             return None
     else:
         path = str(ckpt_path)
+        if os.path.isdir(path):
+            raise ConfigError(
+                f"ckpt_path={path} is a directory, not a checkpoint file. To continue that run in its own dir pass "
+                f"hydra.run.dir={path} ckpt_path=last; to start a new run from its weights pass the file, e.g. "
+                f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}")
     path = os.path.abspath(path)
     check_checkpoint(path, current)
     return path
+
+
+def sample_checkpoint(ckpt_path: Any) -> str:
+    """The checkpoint file ``sample.py`` loads: ``ckpt_path`` itself, or for a run directory (or its
+    ``checkpoints/`` folder) the ``last.ckpt`` in it; clear errors for ``last`` and missing files."""
+    from sgm_lightning.training.checkpoint import _candidates
+    path = str(ckpt_path)
+    if path == "last":
+        raise ConfigError("ckpt_path=last names the current run's last.ckpt in train.py; sample.py has no run of its "
+                          "own: pass the run dir (ckpt_path=<run_dir>, which uses <run_dir>/checkpoints/last.ckpt) or "
+                          "a checkpoint file (ckpt_path=<run_dir>/checkpoints/<name>.ckpt)")
+    if os.path.isdir(path):
+        for name in (os.path.join("checkpoints", "last.ckpt"), "last.ckpt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.abspath(os.path.join(path, name))
+        found = _candidates(os.path.join(path, "*"))
+        raise ConfigError(f"ckpt_path={path} is a directory without checkpoints/last.ckpt or last.ckpt; " + (
+            f"pass one of its checkpoints as ckpt_path=<file>: {', '.join(found)}" if found else
+            "it holds no *.ckpt files either: pass a train.py run dir or a .ckpt file"))
+    if not os.path.exists(path):
+        found = _candidates(path)
+        raise FileNotFoundError(f"checkpoint file not found: {path}; " + (
+            f"checkpoints found near it: {', '.join(found)}" if found else
+            f"no *.ckpt files in {os.path.dirname(os.path.abspath(path))} or its checkpoints/ folder") +
+            ". Pass ckpt_path=<a .ckpt written by train.py> or the run dir ckpt_path=<run_dir>")
+    return os.path.abspath(path)
 
 
 def check_checkpoint(ckpt_path: str, current_config: Optional[Mapping] = None) -> dict:

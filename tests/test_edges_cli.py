@@ -100,3 +100,37 @@ def test_lightning_misconfiguration_is_one_clear_error(tmp_path, capsys):
     if not torch.cuda.is_available():
         code, err = run_train(tmp_path, capsys, "trainer=gpu")
         assert code == 2 and "Error: trainer: No supported gpu backend found!" in err and "trainer=cpu" in err
+
+
+def test_train_ckpt_path_directory_names_both_fixes(tmp_path, capsys, run_dir):
+    code, err = run_train(tmp_path, capsys, f"ckpt_path={run_dir}")
+    assert code == 2 and f"ckpt_path={run_dir} is a directory" in err
+    assert f"hydra.run.dir={run_dir} ckpt_path=last" in err and f"ckpt_path={run_dir}/checkpoints/last.ckpt" in err
+
+
+# ----------------------------------------------------------------------------- sample.py: checkpoint argument
+def test_sample_from_a_run_directory_uses_its_last_ckpt(tmp_path, capsys, run_dir):
+    """ckpt_path=<run_dir> (or its checkpoints/ folder) samples from <run_dir>/checkpoints/last.ckpt:
+    bitwise the samples of the file itself."""
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    args = ("method=ddim", "steps=2", "num_samples=3", "seed=5")
+    samples = []
+    for i, ckpt in enumerate((last, run_dir, run_dir / "checkpoints")):
+        paths, err = run_sample(tmp_path / str(i), capsys, f"ckpt_path={ckpt}", *args)
+        assert isinstance(paths, dict), err
+        z = np.load(paths["npz"])
+        assert json.loads(str(z["settings"]))["ckpt_path"] == last
+        samples.append(z["samples"])
+    assert samples[0].shape == (3, 1, 8, 8)
+    np.testing.assert_array_equal(samples[1], samples[0])
+    np.testing.assert_array_equal(samples[2], samples[0])
+
+
+def test_sample_ckpt_path_last_and_empty_directory_are_clear_errors(tmp_path, capsys):
+    code, err = run_sample(tmp_path / "out", capsys, "ckpt_path=last")
+    assert code == 2 and "ckpt_path=last" in err and "ckpt_path=<run_dir>" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={tmp_path / 'empty'}")
+    assert code == 2 and "is a directory without checkpoints/last.ckpt" in err and "no *.ckpt" in err
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert code == 2 and "checkpoint file not found" in err and "start fresh" not in err  # not train.py's advice
