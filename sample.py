@@ -4,6 +4,7 @@ Four modes (``mode=``), each with its own options (``configs/sample.yaml``; an o
 mode is an error):
 
 * ``grid`` (default): writes ``<out_dir>/<method>_grid.png`` and ``<out_dir>/<method>_samples.npz``
+  (a call never overwrites an earlier one's files: when they exist it writes ``<method>-v1_grid.png``, ...)
   (``images``: uint8 N x H x W x C for image data, ``samples``: the raw float samples, ``settings``: a
   JSON string of the call; ``labels`` for class-conditional checkpoints, ``guidance_scale=...
   class_label=...``);
@@ -79,7 +80,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
     step_bar.close()
     bar.close()
     x, data_range = res.samples.detach().float().cpu(), module.hparams.data_range
-    stem = os.path.join(out_dir, f"{cfg.method}")
+    stem = new_stem(out_dir, str(cfg.method))
     nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
     save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
     settings = dict(plain(cfg), nfe=int(res.nfe), data_range=data_range)
@@ -92,6 +93,16 @@ def _grid(cfg, module, out_dir: str) -> dict:
     print(f"[sample] {n} samples, method={cfg.method}, NFE={res.nfe}")
     print(f"[sample] grid: {stem}_grid.png\n[sample] samples: {stem}_samples.npz")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
+
+
+def new_stem(out_dir: str, name: str) -> str:
+    """``<out_dir>/<name>``, or ``<name>-v1``, ``<name>-v2``, ... when an earlier call wrote its grid or .npz
+    there: re-running into the same ``out_dir`` (or a sweep over seeds) never overwrites earlier samples."""
+    stem, version = os.path.join(out_dir, name), 0
+    while any(os.path.exists(f"{stem}{f'-v{version}' if version else ''}{ext}")
+              for ext in ("_grid.png", "_samples.npz")):
+        version += 1
+    return f"{stem}-v{version}" if version else stem
 
 
 def _stored_datamodule(module, cfg):
@@ -155,7 +166,7 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
         res = interpolate(module.score_fn(), module.sde, images[:pairs], images[pairs:], n=n, **options)
     x = res.samples.detach().float().cpu().reshape(pairs * n, *images.shape[1:])
     data_range = module.hparams.data_range
-    stem = os.path.join(out_dir, "interpolate")
+    stem = new_stem(out_dir, "interpolate")
     save_image(samples_to_image(x, data_range=data_range, nrow=n), stem + "_grid.png")
     np.savez_compressed(stem + "_samples.npz", samples=x.numpy(),
                         settings=np.array(json.dumps(dict(plain(cfg), nfe=int(res.nfe), split=split))))

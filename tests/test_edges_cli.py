@@ -134,3 +134,31 @@ def test_sample_ckpt_path_last_and_empty_directory_are_clear_errors(tmp_path, ca
     assert code == 2 and "is a directory without checkpoints/last.ckpt" in err and "no *.ckpt" in err
     code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert code == 2 and "checkpoint file not found" in err and "start fresh" not in err  # not train.py's advice
+
+
+# ----------------------------------------------------------------------------- outputs are never overwritten
+def test_rerun_into_the_same_out_dir_keeps_earlier_samples(tmp_path, capsys, run_dir):
+    """Two calls into one out_dir (e.g. ``-m seed=0,1 out_dir=...``): the second writes unipc-v1_*,
+    the first call's files stay bitwise as they were; the same seed gives bitwise the same samples."""
+    ckpt, out = f"ckpt_path={run_dir}", tmp_path / "out"
+    first, err = run_sample(out, capsys, ckpt, "num_samples=2", "steps=2", "seed=0")
+    assert first == {"grid": str(out / "unipc_grid.png"), "npz": str(out / "unipc_samples.npz")}, err
+    png, npz = (out / "unipc_grid.png").read_bytes(), np.load(out / "unipc_samples.npz")["samples"]
+    second, _ = run_sample(out, capsys, ckpt, "num_samples=2", "steps=2", "seed=1")
+    assert second == {"grid": str(out / "unipc-v1_grid.png"), "npz": str(out / "unipc-v1_samples.npz")}
+    assert (out / "unipc_grid.png").read_bytes() == png
+    np.testing.assert_array_equal(np.load(out / "unipc_samples.npz")["samples"], npz)
+    assert not np.array_equal(np.load(second["npz"])["samples"], npz)  # another seed
+    third, _ = run_sample(out, capsys, ckpt, "num_samples=2", "steps=2", "seed=0")
+    assert third["npz"] == str(out / "unipc-v2_samples.npz")
+    np.testing.assert_array_equal(np.load(third["npz"])["samples"], npz)
+
+
+def test_evaluate_never_overwrites_an_earlier_samples_file(tmp_path):
+    from sgm_lightning.evaluation.run import _new_path
+    target = tmp_path / "samples.npz"
+    assert _new_path(target) == target
+    target.write_bytes(b"earlier")
+    assert _new_path(target) == tmp_path / "samples-v1.npz"
+    (tmp_path / "samples-v1.npz").write_bytes(b"earlier too")
+    assert _new_path(target) == tmp_path / "samples-v2.npz"
