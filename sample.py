@@ -36,13 +36,14 @@ def sample_main(cfg: DictConfig) -> dict:
     """Run the configured mode; returns the written paths (and figures)."""
     import torch
 
-    from sgm_lightning.cli import config_defaults, sample_checkpoint, validate_sample_config
+    from sgm_lightning.cli import check_noise_level, config_defaults, sample_checkpoint, validate_sample_config
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
     mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
     cfg.ckpt_path = sample_checkpoint(cfg.ckpt_path)  # a run dir -> its checkpoints/last.ckpt
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
+    check_noise_level(getattr(module.loss_fn, "noise_free", False), False, f"sample.py mode={mode}")
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)

@@ -19,8 +19,8 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sgm_lightning.cli import (build, inherit_wandb_id, net_config, plain, resolve_ckpt_path, run_cli,
-                               validate_train_config)
+from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
+                               run_cli, validate_train_config)
 
 
 def train(cfg: DictConfig):
@@ -45,6 +45,9 @@ def train(cfg: DictConfig):
     validate_train_config(OmegaConf.merge(cfg, {"net": net_cfg}), data_shape=tuple(datamodule.data_shape))
     net = build(net_cfg)
     loss = build(cfg.loss, sde=sde)
+    samples = (cfg.get("callbacks") or {}).get("samples")
+    check_noise_level(getattr(loss, "noise_free", False), type(net).__name__ == "NoiseFreeMLP",
+                      "callbacks.samples (the sample grids)" if samples and "_target_" in samples else None)
     model_kwargs = plain(cfg.model)
     model_kwargs.pop("class_conditional", None)
     stored = {"net": net_cfg, "sde": plain(cfg.sde), "loss": plain(cfg.loss), "data": plain(cfg.data),

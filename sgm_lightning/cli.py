@@ -217,6 +217,21 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
                           _get(cfg, "net.channel_mults"))
 
 
+def check_noise_level(noise_free_loss: bool, noise_free_net: bool, sampled_by: Optional[str] = None) -> None:
+    """A noise-free score s(x) (loss=ssm|fdsm|ism; net=noise_free_mlp has no noise-level input) cannot be
+    learnt by a denoising loss, nor sampled by the reverse-diffusion samplers (``sampled_by``: who would)."""
+    if noise_free_net and not noise_free_loss:
+        raise ConfigError("net=noise_free_mlp has no noise-level input, so it cannot learn the noise-conditional "
+                          "score of a denoising loss; use loss=ssm|fdsm|ism with model.prediction=score "
+                          "(experiment=ssm_toy), or a noise-conditional network (net=mlp, a U-Net)")
+    if noise_free_loss and sampled_by:
+        raise ConfigError(f"{sampled_by} draws with reverse-diffusion samplers, which need a noise-conditional score, "
+                          "but noise-free score matching (loss=ssm|fdsm|ism) learns a score s(x) without noise level. "
+                          + ("Switch the grids off with callbacks.samples=null (as experiment=ssm_toy does)."
+                             if sampled_by.startswith("callbacks") else "Sample it with Langevin dynamics "
+                             "(sgm_lightning.samplers.langevin; docs/training.md)."))
+
+
 # sample.py's modes and the options that belong to each (every mode also takes ckpt_path, mode, method,
 # steps, options, seed, use_ema, device, out_dir, batch_size); an option of another mode is an error
 SAMPLE_MODES = {

@@ -36,9 +36,9 @@ def _compose(config: str, overrides):
         return compose(config_name=config, overrides=list(overrides))
 
 
-def run_train(tmp_path, capsys, *overrides):
+def run_train(tmp_path, capsys, *overrides, base=TINY):
     """(exit code, stderr) of train.py's main body; exit code None when it ran to the end."""
-    cfg = _compose("train", [*TINY, f"run_dir={tmp_path / 'run'}", *overrides])
+    cfg = _compose("train", [*base, f"run_dir={tmp_path / 'run'}", *overrides])
     try:
         run_cli(_script("train").train)(cfg)
     except SystemExit as e:
@@ -162,3 +162,34 @@ def test_evaluate_never_overwrites_an_earlier_samples_file(tmp_path):
     assert _new_path(target) == tmp_path / "samples-v1.npz"
     (tmp_path / "samples-v1.npz").write_bytes(b"earlier too")
     assert _new_path(target) == tmp_path / "samples-v2.npz"
+
+
+# ----------------------------------------------------------------------------- noise-free score matching
+TOY = ["data=toy", "net.hidden_dim=8", "data.batch_size=8"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["net=noise_free_mlp", "loss=dsm"], "net=noise_free_mlp has no noise-level input"),
+    (["net=noise_free_mlp", "loss=ssm", "model.prediction=score", "+callbacks.samples={_target_: "
+      "sgm_lightning.training.callbacks.SampleGridCallback}"], "Switch the grids off with callbacks.samples=null"),
+    (["net=mlp", "loss=fdsm", "model.prediction=score", "+callbacks.samples={_target_: "
+      "sgm_lightning.training.callbacks.SampleGridCallback}"], "Switch the grids off with callbacks.samples=null"),
+])
+def test_noise_free_score_is_neither_denoised_nor_diffusion_sampled(tmp_path, capsys, overrides, needle):
+    """A time-blind network trained with DSM, or reverse-diffusion sample grids of a noise-free score s(x),
+    ran without a word (meaningless losses / grids); both stop before training."""
+    code, err = run_train(tmp_path, capsys, *TOY, *overrides, base=TINY[3:])  # without the U-Net settings
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_sample_refuses_a_noise_free_checkpoint(tmp_path, capsys):
+    """sample.py on an experiment=ssm_toy checkpoint drew 'samples' with a score that has no noise level."""
+    code, err = run_train(tmp_path, capsys, *TOY, "experiment=ssm_toy", "trainer.max_steps=1",
+                          base=[o for o in TINY[3:] if o != "~callbacks.samples"])  # the experiment sets it null
+    assert code is None, err
+    for mode in ("mode=grid", "mode=interpolate"):
+        code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={tmp_path / 'run'}", mode)
+        assert code == 2 and f"sample.py {mode} draws with reverse-diffusion samplers" in err
+        assert "sgm_lightning.samplers.langevin" in err
+    assert not os.path.exists(tmp_path / "out" / "unipc_grid.png")
