@@ -36,7 +36,8 @@ def sample_main(cfg: DictConfig) -> dict:
     """Run the configured mode; returns the written paths (and figures)."""
     import torch
 
-    from sgm_lightning.cli import check_noise_level, config_defaults, sample_checkpoint, validate_sample_config
+    from sgm_lightning.cli import (ConfigError, check_noise_level, config_defaults, sample_checkpoint,
+                                   validate_sample_config)
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
     mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
@@ -44,6 +45,12 @@ def sample_main(cfg: DictConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
     check_noise_level(getattr(module.loss_fn, "noise_free", False), False, f"sample.py mode={mode}")
+    if getattr(module.score_model.net, "cond_channels", 0) and (mode, cfg.task_method) not in (
+            ("task", "sr3"), ("task", "bicubic")):
+        given = f"mode={mode}" + (f" task_method={cfg.task_method}" if mode == "task" else "")
+        raise ConfigError(f"this checkpoint is an SR3 model: its network needs a low-resolution image as condition "
+                          f"(net.cond_channels={module.score_model.net.cond_channels}), so {given} cannot sample "
+                          "it; use mode=task task=superres task_method=sr3 (docs/sr3.md)")
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
@@ -108,8 +115,13 @@ def new_stem(out_dir: str, name: str) -> str:
 
 def _stored_datamodule(module, cfg):
     """The training data module, rebuilt from the checkpoint's stored data config (+ ``data_overrides``)."""
-    from hydra.utils import instantiate
-    return instantiate({**module.hparams.config["data"], **plain(cfg.data_overrides)})
+    from sgm_lightning.cli import ConfigError, build
+    stored = module.hparams.config["data"]
+    try:
+        return build({**stored, **plain(cfg.data_overrides)})
+    except ConfigError as e:  # a key the stored data module does not take
+        raise ConfigError(f"data_overrides={plain(cfg.data_overrides)} does not fit this checkpoint's data config "
+                          f"(keys: {', '.join(stored)}): {e}") from None
 
 
 def _checkpoint_step(path: str) -> int | None:

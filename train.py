@@ -23,6 +23,32 @@ from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_c
                                run_cli, validate_train_config)
 
 
+def check_called_keys(cfg: DictConfig) -> None:
+    """``model.*`` / ``optim.*`` / ``lr_schedule.*`` keys must be arguments of what they make: these are
+    called by train.py and configure_optimizers, not by ``build``, so a key they do not take (a misspelt
+    name added with ``+``) failed with a traceback, the last two only once training had begun."""
+    import inspect
+
+    from hydra.utils import get_object
+    from sgm_lightning.cli import ConfigError
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    given = {"model": {"net", "sde", "loss", "optimizer", "lr_scheduler", "data_shape", "data_range", "seed", "config"},
+             "optim": {"params"}, "lr_schedule": {"optimizer"}}  # passed by train.py / the module, not settings
+    for name, target in (("model", ScoreLitModule), ("optim", None), ("lr_schedule", None)):
+        node = cfg.get(name)
+        if not node:
+            continue
+        target = target or get_object(node["_target_"])
+        params = inspect.signature(target).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = [k for k in node if not str(k).startswith("_") and k not in params and k != "class_conditional"]
+        if unknown:
+            known = sorted(set(params) - given[name] | ({"class_conditional"} if name == "model" else set()))
+            raise ConfigError(f"{name}.{unknown[0]} is not a setting of {name} ({target.__name__}); correct its name "
+                              f"or drop it. Its settings: {', '.join(known)}")
+
+
 def train(cfg: DictConfig):
     """Build data, SDE, network, loss, module, logger, callbacks and trainer from ``cfg``; fit."""
     import lightning as L
@@ -30,6 +56,7 @@ def train(cfg: DictConfig):
     from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.lit_module import ScoreLitModule
 
+    check_called_keys(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

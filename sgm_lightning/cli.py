@@ -337,12 +337,13 @@ def build(node: Any, **kwargs) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
+        key, text = (str(e).split("full_key: ")[-1].strip() if "full_key: " in str(e) else "the config"), str(cause)
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in text:  # e.g. +data.misspelt=1
+            raise ConfigError(f"{key}: {text}: correct the setting's name or drop it") from None
         if isinstance(cause, MisconfigurationException):  # Lightning's bad-setting errors (Trainer, callbacks)
-            key = str(e).rpartition("full_key: ")[2].strip() or "the config"
             hint = (" No CUDA GPU is visible: use trainer=cpu or trainer=default (accelerator=auto), or run on a "
-                    "machine with a GPU." if "gpu" in str(cause).lower() or "cuda" in str(cause).lower() else
+                    "machine with a GPU." if "gpu" in text.lower() or "cuda" in text.lower() else
                     f" Fix the {key}.* setting it names.")
-            text = str(cause).strip()
             raise ConfigError(f"{key}: {text}{'' if text.endswith(('.', '!')) else '.'}{hint}") from None
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None

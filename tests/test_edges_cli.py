@@ -193,3 +193,53 @@ def test_sample_refuses_a_noise_free_checkpoint(tmp_path, capsys):
         assert code == 2 and f"sample.py {mode} draws with reverse-diffusion samplers" in err
         assert "sgm_lightning.samplers.langevin" in err
     assert not os.path.exists(tmp_path / "out" / "unipc_grid.png")
+
+
+# ----------------------------------------------------------------------------- keys a component does not take
+@pytest.mark.parametrize("override, needle", [
+    ("+data.batchsize=4", "Error: data: BaseDataModule.__init__() got an unexpected keyword argument 'batchsize'"),
+    ("+trainer.max_step=3", "Error: trainer: Trainer.__init__() got an unexpected keyword argument 'max_step'"),
+    ("+model.ema_decy=0.9", "Error: model.ema_decy is not a setting of model (ScoreLitModule)"),
+    ("+optim.learning_rate=0.1", "Error: optim.learning_rate is not a setting of optim (Adam)"),
+    ("+lr_schedule.warmup=10", "Error: lr_schedule.warmup is not a setting of lr_schedule (warmup_schedule)"),
+])
+def test_a_key_the_component_does_not_take_is_one_clear_error(tmp_path, capsys, override, needle):
+    """Hydra answers a misspelt key with 'To append to your config use +key=...'; following that advice
+    gave a TypeError traceback (model.* at construction; optim.* / lr_schedule.* only once fit began)."""
+    code, err = run_train(tmp_path, capsys, override)
+    assert code == 2 and err.startswith(needle) and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- SR3 checkpoints in sample.py
+@pytest.fixture(scope="module")
+def sr3_ckpt(tmp_path_factory):
+    """A checkpoint of a U-Net conditioned on an image (SR3, net.cond_channels=1) on 8x8 digit pairs."""
+    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    net = {**NET, "cond_channels": 1}
+    data = {"_target_": "sgm_lightning.training.data.superres.SuperResDataModule", "factor": 2, "base": DATA}
+    sde = instantiate(SDE)
+    torch.manual_seed(0)
+    module = ScoreLitModule(net=instantiate(net), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            config={"net": net, "sde": SDE, "loss": LOSS, "data": data})
+    return write_checkpoint(module, tmp_path_factory.mktemp("sr3") / "last.ckpt")
+
+
+@pytest.mark.parametrize("overrides", [[], ["mode=interpolate"], ["mode=task", "task=inpaint", "task_method=dps"]])
+def test_sr3_checkpoint_outside_superres_names_the_sr3_task(tmp_path, capsys, sr3_ckpt, overrides):
+    """Sampling an SR3 checkpoint unconditionally failed inside the network ('pass the image condition
+    x_cond') with no word on what to run instead."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={sr3_ckpt}", *overrides)
+    assert code == 2 and "this checkpoint is an SR3 model" in err
+    assert "use mode=task task=superres task_method=sr3" in err and "Traceback" not in err
+
+
+def test_data_overrides_with_a_foreign_key_is_one_clear_error(tmp_path, capsys, sr3_ckpt):
+    """The SR3 data module nests its dataset under base: data_overrides={val_fraction: ...} was a traceback."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={sr3_ckpt}", "mode=task", "task=superres",
+                           "task_method=sr3", "num_samples=2", "steps=1", "data_overrides={val_fraction: 0.5}")
+    assert code == 2 and err.startswith("Error: data_overrides={'val_fraction': 0.5} does not fit")
+    assert "unexpected keyword argument 'val_fraction'" in err and "base" in err
