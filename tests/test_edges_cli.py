@@ -243,3 +243,35 @@ def test_data_overrides_with_a_foreign_key_is_one_clear_error(tmp_path, capsys, 
                            "task_method=sr3", "num_samples=2", "steps=1", "data_overrides={val_fraction: 0.5}")
     assert code == 2 and err.startswith("Error: data_overrides={'val_fraction': 0.5} does not fit")
     assert "unexpected keyword argument 'val_fraction'" in err and "base" in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("sde.beta_min=abc", "Error: sde.beta_min='abc' must be a number (default 0.1)"),
+    ("optim.lr=fast", "Error: optim.lr='fast' must be a number (default 0.001)"),
+    ("model.ema_decay=high", "Error: model.ema_decay='high' must be a number (default 0.9999)"),
+    ("model.compile=maybe", "Error: model.compile='maybe' must be true or false"),
+    ("seed=abc", "Error: seed='abc' must be an integer"),
+    ("data=imagefolder", "Error: data.root has no value ('???' in its config file): pass data.root=<value>"),
+])
+def test_text_for_a_number_or_a_missing_value_is_one_clear_error(tmp_path, capsys, override, needle):
+    """Text where a number goes was a TypeError traceback from a comparison deep in a constructor
+    ('>' not supported between 'str' and 'int'), or an int() error that did not name the key."""
+    code, err = run_train(tmp_path, capsys, override)
+    assert code == 2 and err.startswith(needle) and "Traceback" not in err, err
+
+
+def test_every_config_option_passes_the_settings_check():
+    """No option of any config group, and no experiment, trips the settings check (all keys are
+    arguments of their targets, all numbers are numbers)."""
+    check = _script("train").check_settings
+    from hydra import compose, initialize_config_dir
+    options = {g: sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", g))) for g in
+               ("data", "sde", "net", "loss", "optim", "lr_schedule", "callbacks", "logger", "model", "experiment")}
+    # one composition per row: option i of every group (cycled), then each experiment on its own
+    rows = [[f"{g}={o[i % len(o)]}" for g, o in options.items() if g != "experiment"]
+            for i in range(max(len(o) for o in options.values()))]
+    rows += [[f"experiment={e}"] for e in options["experiment"]]
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+        for overrides in rows:
+            root = ["data.root=/tmp/images"] if "data=imagefolder" in overrides else []  # the value a user gives
+            check(compose("train", overrides=[*overrides, *root, "run_dir=/tmp/unused"]))
