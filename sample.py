@@ -62,7 +62,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from sgm_lightning.training.viz import samples_to_image, save_image, to_images
+    from sgm_lightning.training.viz import picturable, samples_to_image, save_image, to_images
     n = int(cfg.num_samples)
     y = None
     if module.num_classes is not None:
@@ -89,17 +89,20 @@ def _grid(cfg, module, out_dir: str) -> dict:
     bar.close()
     x, data_range = res.samples.detach().float().cpu(), module.hparams.data_range
     stem = new_stem(out_dir, str(cfg.method))
-    nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
-    save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
     settings = dict(plain(cfg), nfe=int(res.nfe), data_range=data_range)
     arrays = {"samples": x.numpy(), "settings": np.array(json.dumps(settings))}
     if x.ndim == 4:
         arrays["images"] = to_images(x, data_range)
     if y is not None:
         arrays["labels"] = y.numpy()
-    np.savez_compressed(stem + "_samples.npz", **arrays)
-    print(f"[sample] {n} samples, method={cfg.method}, NFE={res.nfe}")
-    print(f"[sample] grid: {stem}_grid.png\n[sample] samples: {stem}_samples.npz")
+    np.savez_compressed(stem + "_samples.npz", **arrays)  # first: the samples are kept whatever follows
+    print(f"[sample] {n} samples, method={cfg.method}, NFE={res.nfe}\n[sample] samples: {stem}_samples.npz")
+    if not picturable(x.shape[1:]):
+        print(f"[sample] no grid: a picture needs images with 1 or 3 channels or 2-D points, not {tuple(x.shape[1:])}")
+        return {"grid": None, "npz": stem + "_samples.npz"}
+    nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
+    save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
+    print(f"[sample] grid: {stem}_grid.png")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
 
 

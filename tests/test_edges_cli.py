@@ -275,3 +275,50 @@ def test_every_config_option_passes_the_settings_check():
         for overrides in rows:
             root = ["data.root=/tmp/images"] if "data=imagefolder" in overrides else []  # the value a user gives
             check(compose("train", overrides=[*overrides, *root, "run_dir=/tmp/unused"]))
+
+
+# ----------------------------------------------------------------------------- data without a picture
+@pytest.mark.parametrize("dim", [1, 3])
+def test_sample_keeps_samples_of_data_that_has_no_picture(tmp_path, capsys, dim):
+    """Vectors (D,) with D != 2 have no grid picture: sample.py drew the samples, then failed in the
+    scatter plot ('points must have shape (B, 2)') before writing the .npz, so they were lost."""
+    from test_sample_cli import LOSS, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    net = {"_target_": "sgm_lightning.nets.mlp.MLPScoreNet", "dim": dim, "hidden_dim": 8, "num_layers": 1,
+           "embedding_dim": 8}
+    sde = instantiate(SDE)
+    torch.manual_seed(0)
+    module = ScoreLitModule(net=instantiate(net), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(dim,),
+                            config={"net": net, "sde": SDE, "loss": LOSS, "data": {}})
+    ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
+    paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "num_samples=5", "method=ddim", "steps=2")
+    assert isinstance(paths, dict) and paths["grid"] is None, err
+    z = np.load(paths["npz"])
+    expected = module.generate(5, method="ddim", steps=2, generator=torch.Generator().manual_seed(0)).samples
+    np.testing.assert_array_equal(z["samples"], expected.numpy())  # the seed's samples, bitwise
+    assert os.listdir(tmp_path / "out") == ["ddim_samples.npz"]
+
+
+def test_sample_grid_callback_skips_data_without_a_picture(tmp_path):
+    """The training callback raised the same scatter-plot ValueError at its first grid step (and at the
+    end of training); it now warns once and draws nothing."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.training.callbacks.samples import SampleGridCallback
+
+    class Vectors:  # a module whose data are vectors (3,)
+        device, num_classes, data_shape = torch.device("cpu"), None, (3,)
+        hparams = SimpleNamespace(data_range="[-1,1]")
+
+        def generate(self, n, **kw):
+            raise AssertionError("no samples should be drawn for a grid that cannot be pictured")
+
+    cb = SampleGridCallback(every_n_steps=1, num_samples=4, out_dir=str(tmp_path), samplers={"pc": {"method": "pc"}})
+    trainer = SimpleNamespace(global_step=1, is_global_zero=True, default_root_dir=str(tmp_path), loggers=[])
+    with pytest.warns(UserWarning, match=r"no sample grids for data of shape \(3,\)"):
+        assert cb.draw(trainer, Vectors()) == {}
+    trainer.global_step = 2
+    assert cb.draw(trainer, Vectors()) == {}  # warned once
+    assert os.listdir(tmp_path) == []
