@@ -322,3 +322,22 @@ def test_sample_grid_callback_skips_data_without_a_picture(tmp_path):
     trainer.global_step = 2
     assert cb.draw(trainer, Vectors()) == {}  # warned once
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- W&B
+def test_wandb_mode_disabled_is_respected(tmp_path, monkeypatch):
+    """logger=wandb under WANDB_MODE=disabled turned the user's setting into offline and wrote an
+    offline run (and started the W&B service) anyway."""
+    import numpy as np
+
+    from sgm_lightning.training.callbacks.samples import log_image
+    from sgm_lightning.training.loggers import make_logger
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = make_logger("wandb", run_dir=str(tmp_path))
+    assert os.environ["WANDB_MODE"] == "disabled"
+    logger.log_hyperparams({"seed": 1})
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    log_image(logger, "samples/unipc", np.zeros((8, 8, 1), np.uint8), 1, "caption")
+    logger.experiment.finish()
+    assert not os.path.exists(tmp_path / "wandb")  # nothing written for W&B

@@ -89,8 +89,10 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     from lightning.pytorch.loggers import WandbLogger
     if offline is None:
         offline = wandb_should_be_offline()
-    if offline:
+    disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
+    if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=project, name=name, entity=entity, tags=list(tags or []), save_dir=run_dir,
-                       id=run_id_for(run_dir), resume="allow", offline=offline, config=dict(run_config or {}))
+                       id=run_id_for(run_dir), resume="allow", offline=offline and not disabled,
+                       config=dict(run_config or {}), **({"mode": "disabled"} if disabled else {}))
