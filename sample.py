@@ -139,9 +139,17 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
     from hydra.utils import instantiate
 
     from sgm_lightning.evaluation.run import evaluate
-    m = cfg.metrics
-    result = evaluate(module, _stored_datamodule(module, cfg), num_samples=int(cfg.eval.num_samples),
-                      method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=int(cfg.batch_size or 250),
+    from sgm_lightning.cli import ConfigError
+    m, n = cfg.metrics, int(cfg.eval.num_samples)
+    batch = int(cfg.batch_size or min(250, n))  # chunks of batch_size samples, one seed each
+    if n % batch:
+        divisor = max(d for d in range(1, min(250, n) + 1) if n % d == 0)
+        raise ConfigError(f"eval.num_samples={n} must be a multiple of batch_size={batch}"
+                          f"{' (the default of mode=eval)' if cfg.batch_size is None else ''}: the samples are "
+                          f"drawn in chunks of batch_size; use e.g. batch_size={divisor}, or eval.num_samples="
+                          f"{n - n % batch or batch}")
+    result = evaluate(module, _stored_datamodule(module, cfg), num_samples=n,
+                      method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=batch,
                       extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
                       out_dir=out_dir, reference_split=m.reference_split,
                       reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,

@@ -341,3 +341,19 @@ def test_wandb_mode_disabled_is_respected(tmp_path, monkeypatch):
     log_image(logger, "samples/unipc", np.zeros((8, 8, 1), np.uint8), 1, "caption")
     logger.experiment.finish()
     assert not os.path.exists(tmp_path / "wandb")  # nothing written for W&B
+
+
+# ----------------------------------------------------------------------------- mode=eval batch size
+def test_eval_default_batch_fits_a_small_num_samples(tmp_path, capsys, run_dir):
+    """mode=eval with eval.num_samples below 250 and no batch_size stopped with 'num_samples=16 must be
+    divisible by batch_size=250' (a key mode=eval refuses); the default batch is now min(250, n), and
+    a bad pair names eval.num_samples, batch_size and a divisor to use."""
+    common = [f"ckpt_path={run_dir}", "mode=eval", "metrics=randproj", "metrics.reference_num_samples=16",
+              f"metrics.cache_dir={tmp_path / 'cache'}", "method=ddim", "steps=1"]
+    code, err = run_sample(tmp_path / "a", capsys, *common, "eval.num_samples=300")
+    assert code == 2 and ("eval.num_samples=300 must be a multiple of batch_size=250 (the default of mode=eval)"
+                          in err) and "batch_size=150" in err
+    result, err = run_sample(tmp_path / "b", capsys, *common, "eval.num_samples=4")
+    assert isinstance(result, dict), err
+    assert (result["eval"]["num_samples"], result["eval"]["batch_size"]) == (4, 4)
+    assert np.load(result["eval"]["samples_path"])["images"].shape == (4, 8, 8, 1)
