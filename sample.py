@@ -34,15 +34,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 def sample_main(cfg: DictConfig) -> dict:
     """Run the configured mode; returns the written paths (and figures)."""
-    import torch
-
     from sgm_lightning.cli import (ConfigError, check_noise_level, config_defaults, sample_checkpoint,
                                    validate_sample_config)
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
     mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
     cfg.ckpt_path = sample_checkpoint(cfg.ckpt_path)  # a run dir -> its checkpoints/last.ckpt
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = _device(str(cfg.device))
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
     check_noise_level(getattr(module.loss_fn, "noise_free", False), False, f"sample.py mode={mode}")
     if getattr(module.score_model.net, "cond_channels", 0) and (mode, cfg.task_method) not in (
@@ -54,6 +52,25 @@ def sample_main(cfg: DictConfig) -> dict:
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
+
+
+def _device(name: str):
+    """``device=auto|cpu|cuda|cuda:<i>|...`` as a torch.device that exists here (clear error otherwise:
+    a CUDA device on a machine without one failed as a 'corrupt or truncated' checkpoint)."""
+    import torch
+
+    from sgm_lightning.cli import ConfigError
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use device=auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise ConfigError(f"device={name} but {'no CUDA GPU is' if not visible else f'only {visible} CUDA GPU(s) are'} "
+                          "visible here: use device=auto (a GPU when there is one) or device=cpu")
+    return device
 
 
 def _grid(cfg, module, out_dir: str) -> dict:

@@ -35,6 +35,10 @@ def check_settings(cfg: DictConfig) -> None:
     from sgm_lightning.training.lit_module import ScoreLitModule
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
+    threads = cfg.get("cpu_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"cpu_threads={threads!r} must be a positive integer (torch threads without a GPU), or "
+                          "null for torch's default")
     given = {"model": {"net", "sde", "loss", "optimizer", "lr_scheduler", "data_shape", "data_range", "seed", "config"},
              "optim": {"params"}, "lr_schedule": {"optimizer"}}  # passed by train.py / the module (loss: sde)
     nodes = [(g, cfg.get(g)) for g in ("data", "sde", "net", "loss", "model", "optim", "lr_schedule", "logger")]
@@ -46,7 +50,8 @@ def check_settings(cfg: DictConfig) -> None:
         any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
         for key in (k for k in node if not str(k).startswith("_") and (name, k) != ("model", "class_conditional")):
             if key not in params and not any_key:
-                known = sorted(set(params) - given.get(name, {"sde"}) | ({"class_conditional"} if name == "model" else set()))
+                extra = {"class_conditional"} if name == "model" else set()
+                known = sorted(set(params) - given.get(name, {"sde"}) | extra)
                 raise ConfigError(f"{name}.{key} is not a setting of {name} ({target.__name__}); correct its name or "
                                   f"drop it. Its settings: {', '.join(known)}")
             if OmegaConf.is_missing(node, key):

@@ -357,3 +357,20 @@ def test_eval_default_batch_fits_a_small_num_samples(tmp_path, capsys, run_dir):
     assert isinstance(result, dict), err
     assert (result["eval"]["num_samples"], result["eval"]["batch_size"]) == (4, 4)
     assert np.load(result["eval"]["samples_path"])["images"].shape == (4, 8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- devices and threads
+def test_sample_device_that_is_not_here_is_named(tmp_path, capsys, run_dir):
+    """device=cuda on a machine without a GPU was reported as a 'corrupt or truncated' checkpoint;
+    device=foo was a RuntimeError traceback."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", "device=foo")
+    assert code == 2 and "device='foo' is not a device: use device=auto, cpu, cuda" in err
+    n = torch.cuda.device_count()
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", f"device=cuda:{n}")
+    assert code == 2 and f"device=cuda:{n} but" in err and "device=cpu" in err and "corrupt" not in err
+
+
+@pytest.mark.parametrize("value", ["-1", "abc"])
+def test_bad_cpu_threads_is_one_clear_error(tmp_path, capsys, value):
+    code, err = run_train(tmp_path, capsys, f"cpu_threads={value}")
+    assert code == 2 and f"Error: cpu_threads={value if value == '-1' else repr(value)} must be a positive integer" in err
