@@ -83,6 +83,11 @@ def _grid(cfg, module, out_dir: str) -> dict:
     n = int(cfg.num_samples)
     y = None
     if module.num_classes is not None:
+        k = module.num_classes
+        if cfg.class_label is not None and not -1 <= int(cfg.class_label) <= k:
+            raise ValueError(f"class_label={cfg.class_label} is not a class of this checkpoint ({k} classes: "
+                             f"0..{k - 1}; {k} or -1: the null label); use class_label=0..{k - 1}, or null to cycle "
+                             "through them")
         y = torch.full((n,), int(cfg.class_label)) if cfg.class_label is not None else torch.arange(n) % module.num_classes
     elif cfg.guidance_scale is not None or cfg.class_label is not None:
         raise ValueError("guidance_scale / class_label need a class-conditional checkpoint "

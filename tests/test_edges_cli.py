@@ -374,3 +374,22 @@ def test_sample_device_that_is_not_here_is_named(tmp_path, capsys, run_dir):
 def test_bad_cpu_threads_is_one_clear_error(tmp_path, capsys, value):
     code, err = run_train(tmp_path, capsys, f"cpu_threads={value}")
     assert code == 2 and f"Error: cpu_threads={value if value == '-1' else repr(value)} must be a positive integer" in err
+
+
+def test_class_label_outside_the_classes_names_class_label(tmp_path, capsys):
+    """class_label=5 on a 3-class checkpoint failed inside the network ('y must lie in 0..2') after the
+    sampling had started, without naming class_label."""
+    from test_sample_cli import LOSS, NET, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    net, sde = {**NET, "num_classes": 3}, instantiate(SDE)
+    module = ScoreLitModule(net=instantiate(net), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            config={"net": net, "sde": SDE, "loss": LOSS, "data": {}})
+    ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=5")
+    assert code == 2 and err.startswith("Error: class_label=5 is not a class of this checkpoint (3 classes: 0..2")
+    assert not os.path.exists(tmp_path / "out" / "unipc_samples.npz")
+    paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=2", "num_samples=2",
+                            "steps=1", "method=ddim")
+    assert np.load(paths["npz"])["labels"].tolist() == [2, 2], err
