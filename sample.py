@@ -105,10 +105,13 @@ def _grid(cfg, module, out_dir: str) -> dict:
         step_bar.update(1)
 
     options = {"callback": on_step, **plain(cfg.options)}
-    res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
-                          use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress, **options)
-    step_bar.close()
-    bar.close()
+    try:
+        res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
+                              use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress,
+                              **options)
+    finally:  # also on an error: its "Error: ..." line then starts a line of its own
+        step_bar.close()
+        bar.close()
     x, data_range = res.samples.detach().float().cpu(), module.hparams.data_range
     stem = new_stem(out_dir, str(cfg.method))
     settings = dict(plain(cfg), nfe=int(res.nfe), data_range=data_range)

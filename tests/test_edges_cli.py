@@ -393,3 +393,12 @@ def test_class_label_outside_the_classes_names_class_label(tmp_path, capsys):
     paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=2", "num_samples=2",
                             "steps=1", "method=ddim")
     assert np.load(paths["npz"])["labels"].tolist() == [2, 2], err
+
+
+def test_a_sampler_error_is_a_line_of_its_own(tmp_path, capsys, run_dir):
+    """An error raised while sampling (here an option the sampler does not take) was printed on the
+    progress bar's unfinished line ('...step/s]<ESC>[AError: ...'), not as a line of its own."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", "options={snr: 0.16}", "steps=2")
+    assert code == 2
+    assert "Error: unknown option(s) ['snr'] for method='unipc'" in err.splitlines()[-2]  # then the SGM_DEBUG hint
+    assert err.splitlines()[-2].startswith("Error: ")
