@@ -402,3 +402,19 @@ def test_a_sampler_error_is_a_line_of_its_own(tmp_path, capsys, run_dir):
     assert code == 2
     assert "Error: unknown option(s) ['snr'] for method='unipc'" in err.splitlines()[-2]  # then the SGM_DEBUG hint
     assert err.splitlines()[-2].startswith("Error: ")
+
+
+def test_a_server_that_accepts_but_never_answers_is_not_reachable():
+    """With an API key, W&B went online whenever a TCP connect to api.wandb.ai:443 succeeded, which a
+    proxy or firewall that accepts and then drops everything also allows (wandb.init then waits ~100 s);
+    reachable now means a TLS handshake within the timeout."""
+    import socket
+    import time
+
+    from sgm_lightning.training.loggers import network_reachable
+    with socket.socket() as server:  # accepts connections (the kernel's backlog) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        t0 = time.perf_counter()
+        assert not network_reachable("127.0.0.1", server.getsockname()[1], timeout=0.3)
+        assert time.perf_counter() - t0 < 2.0
