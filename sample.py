@@ -203,7 +203,9 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
     from sgm_lightning.evaluation.inverse_tasks import first_images
     from sgm_lightning.sampling import interpolate
     from sgm_lightning.training.viz import samples_to_image, save_image
-    pairs, n = int(cfg.interpolate.pairs), int(cfg.interpolate.n)
+    from sgm_lightning.utils import check_int
+    pairs = check_int("interpolate.pairs", cfg.interpolate.pairs)  # 0 pairs: the PF-ODE on no images never ended
+    n = check_int("interpolate.n (points per row, both ends included)", cfg.interpolate.n, min=2)
     images, split = first_images(_stored_datamodule(module, cfg), 2 * pairs)
     if len(images) < 2 * pairs:
         raise ValueError(f"interpolate.pairs={pairs} needs {2 * pairs} images, the {split} split has {len(images)}")

@@ -418,3 +418,14 @@ def test_a_server_that_accepts_but_never_answers_is_not_reachable():
         t0 = time.perf_counter()
         assert not network_reachable("127.0.0.1", server.getsockname()[1], timeout=0.3)
         assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("interpolate.pairs=0", "interpolate.pairs must be a positive integer, got 0"),
+    ("interpolate.n=1", "interpolate.n (points per row, both ends included) must be an integer >= 2, got 1"),
+])
+def test_interpolate_counts_are_checked(tmp_path, capsys, run_dir, override, needle):
+    """interpolate.pairs=0 ran the probability-flow ODE on no images and never ended (killed after 120 s);
+    interpolate.n=1 was refused as 'n must be ...' without naming interpolate.n."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", "mode=interpolate", override)
+    assert code == 2 and f"Error: {needle}" in err
