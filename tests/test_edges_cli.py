@@ -260,6 +260,7 @@ def test_text_for_a_number_or_a_missing_value_is_one_clear_error(tmp_path, capsy
     assert code == 2 and err.startswith(needle) and "Traceback" not in err, err
 
 
+@pytest.mark.slow  # ~4-6 s of Hydra compositions on the shared CI cores
 def test_every_config_option_passes_the_settings_check():
     """No option of any config group, and no experiment, trips the settings check (all keys are
     arguments of their targets, all numbers are numbers)."""
