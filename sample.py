@@ -49,6 +49,10 @@ def sample_main(cfg: DictConfig) -> dict:
         raise ConfigError(f"this checkpoint is an SR3 model: its network needs a low-resolution image as condition "
                           f"(net.cond_channels={module.score_model.net.cond_channels}), so {given} cannot sample "
                           "it; use mode=task task=superres task_method=sr3 (docs/sr3.md)")
+    if mode == "task" and len(module.data_shape) != 3:
+        raise ConfigError(f"mode=task restores images (C, H, W), but this checkpoint models data of shape "
+                          f"{tuple(module.data_shape)}; use an image checkpoint (mode=grid / interpolate take any "
+                          "data)")
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)

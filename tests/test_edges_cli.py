@@ -300,6 +300,10 @@ def test_sample_keeps_samples_of_data_that_has_no_picture(tmp_path, capsys, dim)
     expected = module.generate(5, method="ddim", steps=2, generator=torch.Generator().manual_seed(0)).samples
     np.testing.assert_array_equal(z["samples"], expected.numpy())  # the seed's samples, bitwise
     assert os.listdir(tmp_path / "out") == ["ddim_samples.npz"]
+    # mode=task needs images: it failed in the operator with 'images must have shape (B, C, H, W), got (2, 3)'
+    code, err = run_sample(tmp_path / "task", capsys, f"ckpt_path={ckpt}", "mode=task", "task=inpaint")
+    assert code == 2 and f"mode=task restores images (C, H, W), but this checkpoint models data of shape ({dim},)" \
+        in err
 
 
 def test_sample_grid_callback_skips_data_without_a_picture(tmp_path):
@@ -374,7 +378,8 @@ def test_sample_device_that_is_not_here_is_named(tmp_path, capsys, run_dir):
 @pytest.mark.parametrize("value", ["-1", "abc"])
 def test_bad_cpu_threads_is_one_clear_error(tmp_path, capsys, value):
     code, err = run_train(tmp_path, capsys, f"cpu_threads={value}")
-    assert code == 2 and f"Error: cpu_threads={value if value == '-1' else repr(value)} must be a positive integer" in err
+    shown = value if value == "-1" else repr(value)
+    assert code == 2 and f"Error: cpu_threads={shown} must be a positive integer" in err
 
 
 def test_class_label_outside_the_classes_names_class_label(tmp_path, capsys):
