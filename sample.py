@@ -4,6 +4,7 @@ Four modes (``mode=``), each with its own options (``configs/sample.yaml``; an o
 mode is an error):
 
 * ``grid`` (default): writes ``<out_dir>/<method>_grid.png`` and ``<out_dir>/<method>_samples.npz``
+  (a call never overwrites an earlier one's files: when they exist it writes ``<method>-v1_grid.png``, ...)
   (``images``: uint8 N x H x W x C for image data, ``samples``: the raw float samples, ``settings``: a
   JSON string of the call; ``labels`` for class-conditional checkpoints, ``guidance_scale=...
   class_label=...``);
@@ -33,17 +34,47 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 def sample_main(cfg: DictConfig) -> dict:
     """Run the configured mode; returns the written paths (and figures)."""
-    import torch
-
-    from sgm_lightning.cli import config_defaults, validate_sample_config
+    from sgm_lightning.cli import (ConfigError, check_noise_level, config_defaults, sample_checkpoint,
+                                   validate_sample_config)
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
     mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    cfg.ckpt_path = sample_checkpoint(cfg.ckpt_path)  # a run dir -> its checkpoints/last.ckpt
+    device = _device(str(cfg.device))
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
+    check_noise_level(getattr(module.loss_fn, "noise_free", False), False, f"sample.py mode={mode}")
+    if getattr(module.score_model.net, "cond_channels", 0) and (mode, cfg.task_method) not in (
+            ("task", "sr3"), ("task", "bicubic")):
+        given = f"mode={mode}" + (f" task_method={cfg.task_method}" if mode == "task" else "")
+        raise ConfigError(f"this checkpoint is an SR3 model: its network needs a low-resolution image as condition "
+                          f"(net.cond_channels={module.score_model.net.cond_channels}), so {given} cannot sample "
+                          "it; use mode=task task=superres task_method=sr3 (docs/sr3.md)")
+    if mode == "task" and len(module.data_shape) != 3:
+        raise ConfigError(f"mode=task restores images (C, H, W), but this checkpoint models data of shape "
+                          f"{tuple(module.data_shape)}; use an image checkpoint (mode=grid / interpolate take any "
+                          "data)")
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
+
+
+def _device(name: str):
+    """``device=auto|cpu|cuda|cuda:<i>|...`` as a torch.device that exists here (clear error otherwise:
+    a CUDA device on a machine without one failed as a 'corrupt or truncated' checkpoint)."""
+    import torch
+
+    from sgm_lightning.cli import ConfigError
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use device=auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise ConfigError(f"device={name} but {'no CUDA GPU is' if not visible else f'only {visible} CUDA GPU(s) are'} "
+                          "visible here: use device=auto (a GPU when there is one) or device=cpu")
+    return device
 
 
 def _grid(cfg, module, out_dir: str) -> dict:
@@ -52,10 +83,15 @@ def _grid(cfg, module, out_dir: str) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from sgm_lightning.training.viz import samples_to_image, save_image, to_images
+    from sgm_lightning.training.viz import picturable, samples_to_image, save_image, to_images
     n = int(cfg.num_samples)
     y = None
     if module.num_classes is not None:
+        k = module.num_classes
+        if cfg.class_label is not None and not -1 <= int(cfg.class_label) <= k:
+            raise ValueError(f"class_label={cfg.class_label} is not a class of this checkpoint ({k} classes: "
+                             f"0..{k - 1}; {k} or -1: the null label); use class_label=0..{k - 1}, or null to cycle "
+                             "through them")
         y = torch.full((n,), int(cfg.class_label)) if cfg.class_label is not None else torch.arange(n) % module.num_classes
     elif cfg.guidance_scale is not None or cfg.class_label is not None:
         raise ValueError("guidance_scale / class_label need a class-conditional checkpoint "
@@ -73,30 +109,51 @@ def _grid(cfg, module, out_dir: str) -> dict:
         step_bar.update(1)
 
     options = {"callback": on_step, **plain(cfg.options)}
-    res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
-                          use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress, **options)
-    step_bar.close()
-    bar.close()
+    try:
+        res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
+                              use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress,
+                              **options)
+    finally:  # also on an error: its "Error: ..." line then starts a line of its own
+        step_bar.close()
+        bar.close()
     x, data_range = res.samples.detach().float().cpu(), module.hparams.data_range
-    stem = os.path.join(out_dir, f"{cfg.method}")
-    nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
-    save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
+    stem = new_stem(out_dir, str(cfg.method))
     settings = dict(plain(cfg), nfe=int(res.nfe), data_range=data_range)
     arrays = {"samples": x.numpy(), "settings": np.array(json.dumps(settings))}
     if x.ndim == 4:
         arrays["images"] = to_images(x, data_range)
     if y is not None:
         arrays["labels"] = y.numpy()
-    np.savez_compressed(stem + "_samples.npz", **arrays)
-    print(f"[sample] {n} samples, method={cfg.method}, NFE={res.nfe}")
-    print(f"[sample] grid: {stem}_grid.png\n[sample] samples: {stem}_samples.npz")
+    np.savez_compressed(stem + "_samples.npz", **arrays)  # first: the samples are kept whatever follows
+    print(f"[sample] {n} samples, method={cfg.method}, NFE={res.nfe}\n[sample] samples: {stem}_samples.npz")
+    if not picturable(x.shape[1:]):
+        print(f"[sample] no grid: a picture needs images with 1 or 3 channels or 2-D points, not {tuple(x.shape[1:])}")
+        return {"grid": None, "npz": stem + "_samples.npz"}
+    nrow = None if cfg.grid_rows is None else -(-n // int(cfg.grid_rows))
+    save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
+    print(f"[sample] grid: {stem}_grid.png")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
+
+
+def new_stem(out_dir: str, name: str) -> str:
+    """``<out_dir>/<name>``, or ``<name>-v1``, ``<name>-v2``, ... when an earlier call wrote its grid or .npz
+    there: re-running into the same ``out_dir`` (or a sweep over seeds) never overwrites earlier samples."""
+    stem, version = os.path.join(out_dir, name), 0
+    while any(os.path.exists(f"{stem}{f'-v{version}' if version else ''}{ext}")
+              for ext in ("_grid.png", "_samples.npz")):
+        version += 1
+    return f"{stem}-v{version}" if version else stem
 
 
 def _stored_datamodule(module, cfg):
     """The training data module, rebuilt from the checkpoint's stored data config (+ ``data_overrides``)."""
-    from hydra.utils import instantiate
-    return instantiate({**module.hparams.config["data"], **plain(cfg.data_overrides)})
+    from sgm_lightning.cli import ConfigError, build
+    stored = module.hparams.config["data"]
+    try:
+        return build({**stored, **plain(cfg.data_overrides)})
+    except ConfigError as e:  # a key the stored data module does not take
+        raise ConfigError(f"data_overrides={plain(cfg.data_overrides)} does not fit this checkpoint's data config "
+                          f"(keys: {', '.join(stored)}): {e}") from None
 
 
 def _checkpoint_step(path: str) -> int | None:
@@ -111,9 +168,17 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
     from hydra.utils import instantiate
 
     from sgm_lightning.evaluation.run import evaluate
-    m = cfg.metrics
-    result = evaluate(module, _stored_datamodule(module, cfg), num_samples=int(cfg.eval.num_samples),
-                      method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=int(cfg.batch_size or 250),
+    from sgm_lightning.cli import ConfigError
+    m, n = cfg.metrics, int(cfg.eval.num_samples)
+    batch = int(cfg.batch_size or min(250, n))  # chunks of batch_size samples, one seed each
+    if n % batch:
+        divisor = max(d for d in range(1, min(250, n) + 1) if n % d == 0)
+        raise ConfigError(f"eval.num_samples={n} must be a multiple of batch_size={batch}"
+                          f"{' (the default of mode=eval)' if cfg.batch_size is None else ''}: the samples are "
+                          f"drawn in chunks of batch_size; use e.g. batch_size={divisor}, or eval.num_samples="
+                          f"{n - n % batch or batch}")
+    result = evaluate(module, _stored_datamodule(module, cfg), num_samples=n,
+                      method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=batch,
                       extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
                       out_dir=out_dir, reference_split=m.reference_split,
                       reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,
@@ -142,7 +207,9 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
     from sgm_lightning.evaluation.inverse_tasks import first_images
     from sgm_lightning.sampling import interpolate
     from sgm_lightning.training.viz import samples_to_image, save_image
-    pairs, n = int(cfg.interpolate.pairs), int(cfg.interpolate.n)
+    from sgm_lightning.utils import check_int
+    pairs = check_int("interpolate.pairs", cfg.interpolate.pairs)  # 0 pairs: the PF-ODE on no images never ended
+    n = check_int("interpolate.n (points per row, both ends included)", cfg.interpolate.n, min=2)
     images, split = first_images(_stored_datamodule(module, cfg), 2 * pairs)
     if len(images) < 2 * pairs:
         raise ValueError(f"interpolate.pairs={pairs} needs {2 * pairs} images, the {split} split has {len(images)}")
@@ -154,7 +221,7 @@ def _interpolate(cfg, module, out_dir: str) -> dict:
         res = interpolate(module.score_fn(), module.sde, images[:pairs], images[pairs:], n=n, **options)
     x = res.samples.detach().float().cpu().reshape(pairs * n, *images.shape[1:])
     data_range = module.hparams.data_range
-    stem = os.path.join(out_dir, "interpolate")
+    stem = new_stem(out_dir, "interpolate")
     save_image(samples_to_image(x, data_range=data_range, nrow=n), stem + "_grid.png")
     np.savez_compressed(stem + "_samples.npz", samples=x.numpy(),
                         settings=np.array(json.dumps(dict(plain(cfg), nfe=int(res.nfe), split=split))))

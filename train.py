@@ -19,8 +19,48 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sgm_lightning.cli import (build, inherit_wandb_id, net_config, plain, resolve_ckpt_path, run_cli,
-                               validate_train_config)
+from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
+                               run_cli, validate_train_config)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Each component's settings must be arguments of what it makes, and numbers (true / false) where the
+    argument's default is one: a key added with ``+`` that the component does not take (a misspelt name),
+    or text for a number, was a TypeError traceback (model / optim / lr_schedule: called by train.py and
+    configure_optimizers, not by ``build``; the last two only once fit had begun)."""
+    import inspect
+
+    from hydra.utils import get_object
+    from sgm_lightning.cli import ConfigError
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
+    threads = cfg.get("cpu_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"cpu_threads={threads!r} must be a positive integer (torch threads without a GPU), or "
+                          "null for torch's default")
+    given = {"model": {"net", "sde", "loss", "optimizer", "lr_scheduler", "data_shape", "data_range", "seed", "config"},
+             "optim": {"params"}, "lr_schedule": {"optimizer"}}  # passed by train.py / the module (loss: sde)
+    nodes = [(g, cfg.get(g)) for g in ("data", "sde", "net", "loss", "model", "optim", "lr_schedule", "logger")]
+    for name, node in nodes + [(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items()]:
+        if not node or (name != "model" and "_target_" not in node):
+            continue
+        target = ScoreLitModule if name == "model" else get_object(node["_target_"])
+        params = inspect.signature(target).parameters
+        any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for key in (k for k in node if not str(k).startswith("_") and (name, k) != ("model", "class_conditional")):
+            if key not in params and not any_key:
+                extra = {"class_conditional"} if name == "model" else set()
+                known = sorted(set(params) - given.get(name, {"sde"}) | extra)
+                raise ConfigError(f"{name}.{key} is not a setting of {name} ({target.__name__}); correct its name or "
+                                  f"drop it. Its settings: {', '.join(known)}")
+            if OmegaConf.is_missing(node, key):
+                raise ConfigError(f"{name}.{key} has no value ('???' in its config file): pass {name}.{key}=<value>")
+            default, value = params[key].default if key in params else None, node[key]
+            if isinstance(default, (int, float)) and isinstance(value, str):  # bool is an int
+                kind = "true or false" if isinstance(default, bool) else "a number"
+                raise ConfigError(f"{name}.{key}={value!r} must be {kind} (default {default}); e.g. "
+                                  f"{name}.{key}={str(default).lower() if isinstance(default, bool) else default}")
 
 
 def train(cfg: DictConfig):
@@ -30,6 +70,7 @@ def train(cfg: DictConfig):
     from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.lit_module import ScoreLitModule
 
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -45,6 +86,9 @@ def train(cfg: DictConfig):
     validate_train_config(OmegaConf.merge(cfg, {"net": net_cfg}), data_shape=tuple(datamodule.data_shape))
     net = build(net_cfg)
     loss = build(cfg.loss, sde=sde)
+    samples = (cfg.get("callbacks") or {}).get("samples")
+    check_noise_level(getattr(loss, "noise_free", False), type(net).__name__ == "NoiseFreeMLP",
+                      "callbacks.samples (the sample grids)" if samples and "_target_" in samples else None)
     model_kwargs = plain(cfg.model)
     model_kwargs.pop("class_conditional", None)
     stored = {"net": net_cfg, "sde": plain(cfg.sde), "loss": plain(cfg.loss), "data": plain(cfg.data),

@@ -128,9 +128,40 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Optional[str], current:
             return None
     else:
         path = str(ckpt_path)
+        if os.path.isdir(path):
+            raise ConfigError(
+                f"ckpt_path={path} is a directory, not a checkpoint file. To continue that run in its own dir pass "
+                f"hydra.run.dir={path} ckpt_path=last; to start a new run from its weights pass the file, e.g. "
+                f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}")
     path = os.path.abspath(path)
     check_checkpoint(path, current)
     return path
+
+
+def sample_checkpoint(ckpt_path: Any) -> str:
+    """The checkpoint file ``sample.py`` loads: ``ckpt_path`` itself, or for a run directory (or its
+    ``checkpoints/`` folder) the ``last.ckpt`` in it; clear errors for ``last`` and missing files."""
+    from sgm_lightning.training.checkpoint import _candidates
+    path = str(ckpt_path)
+    if path == "last":
+        raise ConfigError("ckpt_path=last names the current run's last.ckpt in train.py; sample.py has no run of its "
+                          "own: pass the run dir (ckpt_path=<run_dir>, which uses <run_dir>/checkpoints/last.ckpt) or "
+                          "a checkpoint file (ckpt_path=<run_dir>/checkpoints/<name>.ckpt)")
+    if os.path.isdir(path):
+        for name in (os.path.join("checkpoints", "last.ckpt"), "last.ckpt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.abspath(os.path.join(path, name))
+        found = _candidates(os.path.join(path, "*"))
+        raise ConfigError(f"ckpt_path={path} is a directory without checkpoints/last.ckpt or last.ckpt; " + (
+            f"pass one of its checkpoints as ckpt_path=<file>: {', '.join(found)}" if found else
+            "it holds no *.ckpt files either: pass a train.py run dir or a .ckpt file"))
+    if not os.path.exists(path):
+        found = _candidates(path)
+        raise FileNotFoundError(f"checkpoint file not found: {path}; " + (
+            f"checkpoints found near it: {', '.join(found)}" if found else
+            f"no *.ckpt files in {os.path.dirname(os.path.abspath(path))} or its checkpoints/ folder") +
+            ". Pass ckpt_path=<a .ckpt written by train.py> or the run dir ckpt_path=<run_dir>")
+    return os.path.abspath(path)
 
 
 def check_checkpoint(ckpt_path: str, current_config: Optional[Mapping] = None) -> dict:
@@ -172,9 +203,33 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
         raise ConfigError("trainer.use_distributed_sampler must be false: the data modules shard every global "
                           "batch over the ranks themselves (exact resume); set trainer.use_distributed_sampler=false "
                           "(configs/trainer/default.yaml does)")
+    clip = _get(cfg, "trainer.gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0 or null: no clipping); a "
+                          "negative bound flips the gradients' sign (training would ascend the loss). Use e.g. "
+                          "trainer.gradient_clip_val=1.0, or trainer.gradient_clip_val=null to switch clipping off.")
+    interval = _get(cfg, "trainer.val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(f"trainer.val_check_interval={interval!r} must be > 0 (validation every that many optimizer "
+                          "steps); to skip validation use trainer.limit_val_batches=0")
     if data_shape is not None:
         check_data_vs_net(data_shape, _get(cfg, "net.in_channels"), _get(cfg, "net.image_size"),
                           _get(cfg, "net.channel_mults"))
+
+
+def check_noise_level(noise_free_loss: bool, noise_free_net: bool, sampled_by: Optional[str] = None) -> None:
+    """A noise-free score s(x) (loss=ssm|fdsm|ism; net=noise_free_mlp has no noise-level input) cannot be
+    learnt by a denoising loss, nor sampled by the reverse-diffusion samplers (``sampled_by``: who would)."""
+    if noise_free_net and not noise_free_loss:
+        raise ConfigError("net=noise_free_mlp has no noise-level input, so it cannot learn the noise-conditional "
+                          "score of a denoising loss; use loss=ssm|fdsm|ism with model.prediction=score "
+                          "(experiment=ssm_toy), or a noise-conditional network (net=mlp, a U-Net)")
+    if noise_free_loss and sampled_by:
+        raise ConfigError(f"{sampled_by} draws with reverse-diffusion samplers, which need a noise-conditional score, "
+                          "but noise-free score matching (loss=ssm|fdsm|ism) learns a score s(x) without noise level. "
+                          + ("Switch the grids off with callbacks.samples=null (as experiment=ssm_toy does)."
+                             if sampled_by.startswith("callbacks") else "Sample it with Langevin dynamics "
+                             "(sgm_lightning.samplers.langevin; docs/training.md)."))
 
 
 # sample.py's modes and the options that belong to each (every mode also takes ckpt_path, mode, method,
@@ -277,10 +332,19 @@ def build(node: Any, **kwargs) -> Any:
     """``hydra.utils.instantiate``, re-raising a constructor's ValueError itself (one clear line)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
+        key, text = (str(e).split("full_key: ")[-1].strip() if "full_key: " in str(e) else "the config"), str(cause)
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in text:  # e.g. +data.misspelt=1
+            raise ConfigError(f"{key}: {text}: correct the setting's name or drop it") from None
+        if isinstance(cause, MisconfigurationException):  # Lightning's bad-setting errors (Trainer, callbacks)
+            hint = (" No CUDA GPU is visible: use trainer=cpu or trainer=default (accelerator=auto), or run on a "
+                    "machine with a GPU." if "gpu" in text.lower() or "cuda" in text.lower() else
+                    f" Fix the {key}.* setting it names.")
+            raise ConfigError(f"{key}: {text}{'' if text.endswith(('.', '!')) else '.'}{hint}") from None
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
         raise

@@ -4,9 +4,9 @@
 a dataset of chunk indices: chunk c (``batch_size`` samples) is drawn with the seed ``seed + c``, so
 the sample set and the figures do not depend on the number of devices. Metric states are summed
 across ranks by torchmetrics; samples are written as ``<out_dir>/samples.npz`` (uint8 NHWC images,
-chunk order, plus the settings as JSON). The returned dict holds every figure and the exact settings
-(sampler, steps, NFE, seed, EMA, checkpoint step, extractor, reference-statistics key), which
-``sample.py`` prints as one JSON line.
+chunk order, plus the settings as JSON; ``samples-v1.npz``, ... when an earlier evaluation wrote
+there). The returned dict holds every figure and the exact settings (sampler, steps, NFE, seed, EMA,
+checkpoint step, extractor, reference-statistics key), which ``sample.py`` prints as one JSON line.
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def _write_npz(path: Path, chunks: list, settings: dict) -> None:
     os.replace(tmp, path)
 
 
+def _new_path(path: Path) -> Path:
+    """``path``, or ``<stem>-v1<suffix>``, ``-v2``, ... when it exists: an evaluation never overwrites
+    earlier samples."""
+    version, new = 0, path
+    while new.exists():
+        version += 1
+        new = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return new
+
+
 def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "ode", steps: int | None = None,
              seed: int = 0, batch_size: int = 250, extractor: nn.Module, kid: bool = False,
              inception_score: nn.Module | None = None, use_ema: bool = True, out_dir: str | None = None,
@@ -116,7 +126,7 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
         datamodule: provides ``dataset_id``, ``data_shape`` and the reference split's data.
         extractor: feature network (``InceptionV3Features`` for a real FID).
         inception_score: a classifier returning logits for an IS (the FID network has no logits).
-        out_dir: where ``samples.npz`` goes (None: samples are not written).
+        out_dir: where ``samples.npz`` goes (``samples-v1.npz``, ... if it exists; None: samples are not written).
         devices, accelerator: passed to ``lightning.Trainer`` (predict); all visible devices by default.
         checkpoint_step: recorded in the settings (the training step of the evaluated weights).
     Returns a dict of figures and settings (JSON-serialisable).
@@ -131,6 +141,7 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
                reference_num_samples=reference_num_samples, cache_dir=cache_dir, kid_subset_size=int(kid_subset_size),
                sampler_options=dict(sampler_options or {}))
     task = _SampleTask(module, extractor, datamodule, dataset_id, cfg, inception_score)
+    target = None if out_dir is None else _new_path(Path(out_dir) / "samples.npz")  # before any rank writes
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     loader = DataLoader(_Chunks(num_samples // batch_size), batch_size=1, shuffle=False)
@@ -144,7 +155,7 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
     if out_dir is not None:
         out = Path(out_dir)
         rank, ws = trainer.global_rank, trainer.world_size
-        shard = out / (f"samples.rank{rank}.npz" if ws > 1 else "samples.npz")
+        shard = out / f"samples.rank{rank}.npz" if ws > 1 else target
         _write_npz(shard, list(outputs), settings)
         if ws > 1:  # rank 0 merges the shards once every rank has written its own
             trainer.strategy.barrier("evaluate_samples")
@@ -153,8 +164,8 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
                 for r in range(ws):
                     with np.load(out / f"samples.rank{r}.npz") as z:
                         parts += list(zip(z["chunks"].tolist(), np.split(z["images"], len(z["chunks"]))))
-                _write_npz(out / "samples.npz", parts, settings)
+                _write_npz(target, parts, settings)
                 for r in range(ws):
                     os.unlink(out / f"samples.rank{r}.npz")
-        result["samples_path"] = str(out / "samples.npz")
+        result["samples_path"] = str(target)
     return result

@@ -4,7 +4,7 @@ TensorBoard or none.
 W&B facts this module works around (measured with wandb 0.31): without an API key ``wandb.init``
 raises a UsageError or prompts for a login on a terminal; with a key but no network it gives up
 only after about 100 s; float images are no longer rescaled, so images are logged as uint8. Hence
-online mode is used only when an API key is available AND api.wandb.ai:443 answers within 2 s.
+online mode is used only when an API key is available AND api.wandb.ai:443 answers a TLS handshake within 2 s.
 
 The W&B run id is stored in ``<run_dir>/wandb_run_id.txt``; a resumed run reads it back and
 continues the same W&B run (``resume="allow"``).
@@ -34,11 +34,18 @@ def wandb_api_key_available() -> bool:
 
 
 def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
-    """A quick TCP connect to ``host:port`` (at most ``timeout`` seconds)."""
+    """Whether ``host:port`` completes a TLS handshake within ``timeout`` seconds per step. A TCP connect
+    alone also succeeds through a proxy or firewall that accepts connections and never answers, where
+    wandb.init would then wait for about 100 s."""
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only whether it answers; nothing is sent
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            with context.wrap_socket(sock, server_hostname=host):
+                return True
+    except (OSError, ValueError):  # ssl.SSLError, socket.timeout are OSErrors
         return False
 
 
@@ -89,8 +96,10 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     from lightning.pytorch.loggers import WandbLogger
     if offline is None:
         offline = wandb_should_be_offline()
-    if offline:
+    disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
+    if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=project, name=name, entity=entity, tags=list(tags or []), save_dir=run_dir,
-                       id=run_id_for(run_dir), resume="allow", offline=offline, config=dict(run_config or {}))
+                       id=run_id_for(run_dir), resume="allow", offline=offline and not disabled,
+                       config=dict(run_config or {}), **({"mode": "disabled"} if disabled else {}))

@@ -85,13 +85,23 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
     return grid
 
 
+def picturable(shape: Sequence[int]) -> bool:
+    """Whether ``samples_to_image`` draws data of this per-example shape: images (C, H, W) with 1 or 3
+    channels, or 2-D points (2,)."""
+    shape = tuple(int(s) for s in shape)
+    return (len(shape) == 3 and shape[0] in (1, 3)) or shape == (2,)
+
+
 def samples_to_image(x: torch.Tensor, data_range: str = "[-1,1]", nrow: int | None = None,
                      min_size: int = 256) -> np.ndarray:
     """uint8 HWC picture of a batch: an image grid for images, a scatter plot for 2-D points.
 
     Small grids (e.g. of 8x8 digits) are enlarged by an integer factor (nearest neighbour) to at
-    least ``min_size`` pixels so that they are readable.
+    least ``min_size`` pixels so that they are readable. Other data (``picturable`` is False): ValueError.
     """
+    if not picturable(x.shape[1:]):
+        raise ValueError(f"no picture for data of shape {tuple(x.shape[1:])} per example: grids draw images "
+                         "(C, H, W) with C = 1 or 3 and scatter plots of 2-D points only")
     x = x.detach().float().cpu()
     if x.ndim == 2:
         return scatter_image(x)

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sgm_lightning.samplers import METHODS
-from sgm_lightning.training.viz import samples_to_image
+from sgm_lightning.training.viz import picturable, samples_to_image
 from sgm_lightning.utils import check_choice, check_int
 
 DEFAULT_SAMPLERS = {
@@ -69,7 +69,7 @@ class SampleGridCallback(L.Callback):
         self.use_ema = bool(use_ema)
         self.at_train_end = bool(at_train_end)
         self.out_dir = out_dir
-        self._done_step = -1
+        self._done_step, self._warned = -1, False
         self.last_paths: dict[str, str] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -86,6 +86,13 @@ class SampleGridCallback(L.Callback):
         step = trainer.global_step
         self._done_step = step
         if not trainer.is_global_zero:
+            return {}
+        shape = getattr(pl_module, "data_shape", None)
+        if shape is not None and not picturable(shape):  # e.g. vectors (D,), D != 2: no picture to draw
+            if not self._warned:
+                rank_zero_warn(f"[sgm_lightning] no sample grids for data of shape {tuple(shape)} (grids draw images "
+                               "with 1 or 3 channels and 2-D points); set callbacks.samples=null to silence this")
+                self._warned = True
             return {}
         from sgm_lightning.training.viz import save_image
         out_dir = self.out_dir or os.path.join(trainer.default_root_dir, "samples")
