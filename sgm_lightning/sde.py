@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from sgm_lightning.utils import bcast, check_choice, check_int
+from sgm_lightning.utils import bcast, check_choice, check_int, check_positive
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -235,8 +235,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        if not sigma_min > 0:
-            raise ValueError(f"sigma_min must be > 0, got {sigma_min!r}")
+        check_positive("sigma_min", sigma_min)
+        check_positive("sigma_max", sigma_max)
         if not sigma_max > sigma_min:
             raise ValueError(f"sigma_max must be > sigma_min={sigma_min!r}, got {sigma_max!r}")
         self.sigma_min = float(sigma_min)
@@ -278,8 +278,9 @@ class _VPFamily(SDE):
                  schedule: str = "linear", cosine_s: float = 0.008, cosine_tmax_margin: float = 0.01):
         super().__init__(N)
         check_choice("schedule", schedule, ("linear", "cosine"))
-        if not beta_min > 0:
-            raise ValueError(f"beta_min must be > 0, got {beta_min!r}")
+        for name, v in (("beta_min", beta_min), ("beta_max", beta_max), ("cosine_s", cosine_s),
+                        ("cosine_tmax_margin", cosine_tmax_margin)):
+            check_positive(name, v)
         if not beta_max > beta_min:
             raise ValueError(f"beta_max must be > beta_min={beta_min!r}, got {beta_max!r}")
         if not cosine_s > 0 or not 0 < cosine_tmax_margin < 1:

@@ -12,7 +12,7 @@ import torch
 
 from sgm_lightning.analytic import GaussianMixture
 from sgm_lightning.sampling import sample
-from sgm_lightning.sde import SubVPSDE, VPSDE
+from sgm_lightning.sde import SubVPSDE, VESDE, VPSDE
 
 SDE = VPSDE()
 GM = GaussianMixture([1.0], [[0.5, -1.0]], [[[0.3, 0.1], [0.1, 0.2]]])
@@ -131,6 +131,18 @@ def test_prior_bad_input_names_the_problem():
         SDE.prior_sampling((4, 2), generator=0)
     with pytest.raises(ValueError, match=r"shape \(B, \.\.\.\)"):
         SDE.prior_logp(torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("make, kwargs, name", [
+    (lambda **kw: VPSDE(**kw), {"beta_min": "abc"}, "beta_min"),
+    (lambda **kw: SubVPSDE(**kw), {"beta_max": None}, "beta_max"),
+    (lambda **kw: VESDE(**kw), {"sigma_max": "50"}, "sigma_max"),
+    (lambda **kw: VPSDE(schedule="cosine", **kw), {"cosine_s": "s"}, "cosine_s"),
+])
+def test_sde_constructor_refuses_text_for_a_number(make, kwargs, name):
+    """VPSDE(beta_min="abc") raised TypeError "'>' not supported" naming nothing."""
+    with pytest.raises(ValueError, match=f"{name} must be a number > 0"):
+        make(**kwargs)
 
 
 @pytest.mark.parametrize("solver,steps", [("euler", 5), ("srk", 3), ("milstein", 2)])
