@@ -190,6 +190,20 @@ def test_nan_guard_stops_naming_step_and_keeps_last_good(tmp_path, every):
         assert "found at step 6" in str(e.value)  # when checkpoint step 6 was about to be written
 
 
+def test_nan_guard_with_logging_off_reads_every_default_interval(tmp_path):
+    """trainer.log_every_n_steps=0 (Lightning's "logging off") made the guard divide by zero at the first step."""
+    from sgm_lightning.training.fault_tolerance import CHECK_EVERY_WITHOUT_LOGGING
+    guard = NaNGuard()
+    reads = []
+    guard._check = lambda trainer, module: reads.append(trainer.global_step)
+    tr = L.Trainer(max_steps=CHECK_EVERY_WITHOUT_LOGGING + 3, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   log_every_n_steps=0, callbacks=[guard], default_root_dir=str(tmp_path))
+    tr.fit(Tiny(), _loader())
+    n = CHECK_EVERY_WITHOUT_LOGGING
+    assert reads[:2] == [n - 1, n + 2] and set(reads[2:]) <= {n + 3}  # the interval, the last step, fit end
+
+
 def test_nan_guard_names_parameter_with_bad_gradient(tmp_path):
     def poison(step):
         if step == 2:

@@ -195,6 +195,9 @@ class PreemptionCheckpoint(Callback):
         return {}
 
 
+CHECK_EVERY_WITHOUT_LOGGING = 50  # NaNGuard's read interval when logging is off (Lightning's default interval)
+
+
 class NaNGuard(Callback):
     """Stop (or skip the step) when the loss or a gradient is NaN/Inf.
 
@@ -211,7 +214,8 @@ class NaNGuard(Callback):
             ``"skip"`` drops the step's gradients and continues.
         max_skips: with ``"skip"``, raise after this many skipped steps (counted over the run and
             kept in checkpoints).
-        check_every_n_steps: how often the host reads the result (None: ``trainer.log_every_n_steps``).
+        check_every_n_steps: how often the host reads the result (None: ``trainer.log_every_n_steps``, or
+            ``CHECK_EVERY_WITHOUT_LOGGING`` when that is 0).
     """
 
     def __init__(self, on_nan: str = "stop", max_skips: int = 10, check_every_n_steps: Optional[int] = None):
@@ -244,7 +248,9 @@ class NaNGuard(Callback):
                               grad_ok if grad_ok is not None else torch.ones_like(ref)])
             self._pending.append((trainer.global_step, ok))
         step = trainer.global_step
-        every = 1 if self.on_nan == "skip" else (self.check_every_n_steps or trainer.log_every_n_steps)
+        # log_every_n_steps=0 (logging off): read every CHECK_EVERY_WITHOUT_LOGGING steps
+        every = 1 if self.on_nan == "skip" else (self.check_every_n_steps or trainer.log_every_n_steps
+                                                 or CHECK_EVERY_WITHOUT_LOGGING)
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= step + 1
         if (step + 1) % every == 0 or last or trainer.should_stop:
             self._check(trainer, pl_module)
