@@ -117,6 +117,8 @@ def log_likelihood(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                          f"{getattr(x, 'dtype', type(x).__name__)}; dequantize integer images first")
     if x.ndim < 1:
         raise ValueError("x must have shape (B, ...) (a batch of examples), got a 0-dim tensor")
+    if x.numel() == 0:
+        raise ValueError(f"x holds no values (shape {tuple(x.shape)}): pass at least one example")
     solver, eps, solver_options = _checked_options(sde, trace, eps, probe, n_probes, solver, rtol, atol, steps,
                                                    solver_options)
 

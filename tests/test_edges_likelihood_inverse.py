@@ -284,3 +284,16 @@ def test_autograd_parts_work_under_inference_mode():
         assert torch.equal(blur.transpose(img), want)
     # guidance with the exact classifier at scale 1 is the conditional score (Bayes)
     torch.testing.assert_close(runs["guided"](), model.score(x, t, y))
+
+
+def test_empty_batches_are_refused_not_solved_forever():
+    """encode / decode of a (0, 2) batch never returned (the adaptive controller rejects every step);
+    log_likelihood failed in a reshape."""
+    from sgm_lightning.likelihood import log_likelihood
+    from sgm_lightning.samplers.encode import decode, encode
+    sde, empty = VPSDE(), torch.zeros(0, 2)
+    for fn in (encode, decode):
+        with pytest.raises(ValueError, match="at least one example"):
+            fn(lambda x, t: -x, sde, empty)
+    with pytest.raises(ValueError, match="at least one example"):
+        log_likelihood(lambda x, t: -x, sde, empty)

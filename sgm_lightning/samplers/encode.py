@@ -34,6 +34,9 @@ def _flow(score_fn, sde: SDE, x: torch.Tensor, forward: bool, eps: float | None,
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 1:
         raise ValueError(f"the {'data' if forward else 'latents'} must be a floating-point tensor of shape (B, ...), "
                          f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if x.numel() == 0:  # the adaptive controller never accepts a step on an empty state
+        raise ValueError(f"the {'data' if forward else 'latents'} hold no values (shape {tuple(x.shape)}): "
+                         f"pass at least one example")
     eps = sde.default_eps if eps is None else eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < sde.T:
         raise ValueError(f"eps (the data end of the ODE, as for log_likelihood) must be a number with "
