@@ -280,3 +280,15 @@ def test_resume_refuses_another_parametrization_and_accepts_older_checkpoints_wi
     check_compatible(ckpt, same)  # other model settings (EMA, compile, ...) may change on resume
     older = {"state_dict": {}, "sgm_config": {"net": {"ch": 8}, "sde": {"beta_max": 20.0}, "model": {}}}
     check_compatible(older, cur)  # written before the parametrization was checked: not refused
+
+
+@pytest.mark.parametrize("device", ["cuda", "foo"])
+def test_a_device_that_is_not_here_is_not_called_a_corrupt_checkpoint(tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p, map_location=device)
+    assert "cannot be loaded onto map_location" in str(e.value) and "corrupt" not in str(e.value)
+    assert load_checkpoint(p)["state_dict"]["w"].sum() == 2  # the file is fine

@@ -184,6 +184,11 @@ def load_checkpoint(path: _PATH, map_location: Any = "cpu", require_sgm: bool = 
                 f"only if you trust its source.") from e
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({e}).{previous}") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        if "deserialize object on" in str(e) or "restore data location" in str(e):
+            raise CheckpointError(  # the file is fine: the device asked for is not on this machine
+                f"checkpoint {path} cannot be loaded onto map_location={map_location!r} on this machine "
+                f"({str(e).splitlines()[0]}); load it onto the CPU (map_location='cpu', or device=cpu in "
+                f"sample.py) or on a machine with that device.") from e
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated (torch.load failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})."
             f"{previous} Pass another file with ckpt_path=<file> or start fresh with ckpt_path=null.") from e
