@@ -28,6 +28,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sgm_lightning.cli import plain
+from sgm_lightning.utils import unused_stem
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -138,11 +139,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
 def new_stem(out_dir: str, name: str) -> str:
     """``<out_dir>/<name>``, or ``<name>-v1``, ``<name>-v2``, ... when an earlier call wrote its grid or .npz
     there: re-running into the same ``out_dir`` (or a sweep over seeds) never overwrites earlier samples."""
-    stem, version = os.path.join(out_dir, name), 0
-    while any(os.path.exists(f"{stem}{f'-v{version}' if version else ''}{ext}")
-              for ext in ("_grid.png", "_samples.npz")):
-        version += 1
-    return f"{stem}-v{version}" if version else stem
+    return unused_stem(os.path.join(out_dir, name), ("_grid.png", "_samples.npz"))
 
 
 def _stored_datamodule(module, cfg):

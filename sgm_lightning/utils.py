@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Iterable
 
 import torch
@@ -88,3 +89,12 @@ def check_int(name: str, value, min: int = 1) -> int:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
 
+
+def unused_stem(stem: str, suffixes: Iterable[str]) -> str:
+    """``stem``, or ``stem-v1``, ``stem-v2``, ...: the first for which no file ``<stem><suffix>`` exists, so that
+    a new call's output files never overwrite an earlier call's."""
+    suffixes, version, out = tuple(suffixes), 0, stem
+    while any(os.path.exists(out + suffix) for suffix in suffixes):
+        version += 1
+        out = f"{stem}-v{version}"
+    return out

@@ -164,6 +164,19 @@ def test_evaluate_never_overwrites_an_earlier_samples_file(tmp_path):
     assert _new_path(target) == tmp_path / "samples-v2.npz"
 
 
+def test_task_rerun_into_the_same_out_dir_keeps_earlier_files(tmp_path, capsys, run_dir):
+    """mode=task wrote <task>_<method>_{truth,...,grid}.png and _metrics.json over an earlier call's."""
+    ckpt, out = f"ckpt_path={run_dir}", tmp_path / "out"
+    task = ["mode=task", "task=inpaint", "task_method=replacement", "steps=2", "num_samples=2"]
+    first, err = run_sample(out, capsys, ckpt, *task, "seed=0")
+    assert first["metrics"] == str(out / "inpaint_replacement_metrics.json"), err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    second, _ = run_sample(out, capsys, ckpt, *task, "seed=1")
+    assert second["grid"] == str(out / "inpaint_replacement-v1_grid.png")
+    assert second["metrics"] == str(out / "inpaint_replacement-v1_metrics.json")
+    assert all((out / name).read_bytes() == data for name, data in before.items())  # untouched
+
+
 # ----------------------------------------------------------------------------- noise-free score matching
 TOY = ["data=toy", "net.hidden_dim=8", "data.batch_size=8"]
 

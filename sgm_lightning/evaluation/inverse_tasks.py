@@ -23,7 +23,7 @@ from sgm_lightning.inverse.operators import (AvgPoolDownsample, BoxInpainting, G
 from sgm_lightning.inverse.solvers import dps_sample, repaint_sample, replacement_sample
 from sgm_lightning.inverse.sr3 import sr3_sample, upsample
 from sgm_lightning.training.data.ranges import range_bounds, to_unit
-from sgm_lightning.utils import check_choice
+from sgm_lightning.utils import check_choice, unused_stem
 
 TASKS = ("inpaint", "colorize", "superres", "deblur")
 METHODS = ("dps", "replacement", "repaint", "sr3", "bicubic")
@@ -171,11 +171,14 @@ def restore_dataset_images(module, datamodule, *, task: str, method: str, num_im
     images, split = first_images(datamodule, num_images)
     images = images.to(module.device)
     g = torch.Generator(device=module.device).manual_seed(int(seed))
-    data_range, stem = module.hparams.data_range, os.path.join(out_dir, f"{task}_{method}")
+    data_range = module.hparams.data_range
+    keys = ("truth", "measurement", "reconstruction", "grid")
+    # an earlier call's files in out_dir are kept: this one writes <task>_<method>-v1_*, ...
+    stem = unused_stem(os.path.join(out_dir, f"{task}_{method}"), [f"_{k}.png" for k in keys] + ["_metrics.json"])
     with module.ema_scope(use_ema):
         out = run_inverse_task(module.score_model, module.sde, images, task=task, method=method, steps=steps,
                                generator=g, data_range=data_range, **task_options)
-    paths = {key: f"{stem}_{key}.png" for key in ("truth", "measurement", "reconstruction", "grid")}
+    paths = {key: f"{stem}_{key}.png" for key in keys}
     for key in ("truth", "measurement", "reconstruction"):
         save_image(samples_to_image(out[key], data_range=data_range), paths[key])
     save_image(samples_to_image(make_task_grid(out), data_range=data_range, nrow=len(images)), paths["grid"])

@@ -27,6 +27,7 @@ from sgm_lightning.evaluation.fid import (compute_seeded, load_reference_feature
                                           make_fid_metric, make_is_metric, make_kid_metric, metric_key)
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.training.viz import to_images
+from sgm_lightning.utils import unused_stem
 
 
 class _Chunks(Dataset):
@@ -105,11 +106,7 @@ def _write_npz(path: Path, chunks: list, settings: dict) -> None:
 def _new_path(path: Path) -> Path:
     """``path``, or ``<stem>-v1<suffix>``, ``-v2``, ... when it exists: an evaluation never overwrites
     earlier samples."""
-    version, new = 0, path
-    while new.exists():
-        version += 1
-        new = path.with_name(f"{path.stem}-v{version}{path.suffix}")
-    return new
+    return Path(unused_stem(str(path.with_suffix("")), (path.suffix,)) + path.suffix)
 
 
 def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "ode", steps: int | None = None,
