@@ -98,6 +98,9 @@ def test_validation_at_the_last_batch_before_the_stop_keeps_the_logger_step(tmp_
         return {k: [s for s in v if s >= 3] for k, v in steps.items()
                 if k.startswith(("train/loss", "train/grad_norm", "train/lr")) and any(s >= 3 for s in v)}
     assert resumed_steps(_logged_steps(tmp_path / "part")) == resumed_steps(expected)
+    # the CSV logger appends to the resumed run's metrics.csv (Lightning's writer deleted it: steps 0-2 were lost)
+    part = _logged_steps(tmp_path / "part")
+    assert part["train/loss"] == expected["train/loss"] and part["val/loss"] == expected["val/loss"]
 
 
 # ----------------------------------------------------------------------------- LR schedule

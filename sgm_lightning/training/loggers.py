@@ -72,6 +72,34 @@ def run_id_for(run_dir: str) -> str:
     return rid
 
 
+def _appending_csv_logger(run_dir: str):
+    """Lightning's CSVLogger writing ``<run_dir>/csv/metrics.csv``, except that a resumed run appends to the
+    file of the run it resumes (Lightning's writer deletes an existing metrics.csv: the metrics logged before
+    the resume were lost). Rows keep their ``step``; steps logged after the last checkpoint appear again."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):  # keep it; new rows use (and extend) its header
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=run_dir, name="csv", version="")
+
+
 def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = None, project: str = "sgm_lightning",
                 name: str | None = None, entity: str | None = None, tags: list | None = None,
                 offline: bool | None = None):
@@ -84,8 +112,7 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     if kind == "none":
         return None
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-        return CSVLogger(save_dir=run_dir, name="csv", version="")
+        return _appending_csv_logger(run_dir)
     if kind == "tensorboard":
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
