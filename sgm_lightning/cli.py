@@ -196,9 +196,9 @@ def validate_train_config(cfg: Any, data_shape: Optional[Sequence[int]] = None) 
     max_steps = _get(cfg, "trainer.max_steps")
     if max_steps not in (None, -1):
         _positive_int("trainer.max_steps", max_steps)
-    batch = _get(cfg, "data.batch_size")
-    if batch is not None:
-        check_batch_vs_world(batch, _world_size(cfg))
+    for key in ("data.batch_size", "data.val_batch_size", "data.base.batch_size", "data.base.val_batch_size"):
+        if _get(cfg, key) is not None:  # global batches (data.base: a wrapped data module, e.g. SR3 pairs)
+            check_batch_vs_world(_get(cfg, key), _world_size(cfg), name=key)
     if _world_size(cfg) > 1 and _get(cfg, "trainer.use_distributed_sampler", True) is not False:
         raise ConfigError("trainer.use_distributed_sampler must be false: the data modules shard every global "
                           "batch over the ranks themselves (exact resume); set trainer.use_distributed_sampler=false "

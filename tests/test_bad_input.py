@@ -213,3 +213,16 @@ def test_multi_process_run_needs_use_distributed_sampler_false():
     cfg["trainer"]["use_distributed_sampler"] = False
     validate_train_config(cfg)
     validate_train_config({"trainer": {"devices": 1, "use_distributed_sampler": True}, "data": {"batch_size": 8}})
+
+
+@pytest.mark.parametrize("data", [{"batch_size": 8, "val_batch_size": 7}, {"base": {"batch_size": 7}},
+                                  {"base": {"batch_size": 8, "val_batch_size": 5}}])
+def test_every_global_batch_is_checked_against_the_world_size(data):
+    """Only data.batch_size was checked: a validation batch or an SR3 pair module's data.base.batch_size that
+    does not split over the ranks failed later, on every rank, inside the data module."""
+    from sgm_lightning.cli import ConfigError, validate_train_config
+    key = "data." + ("base." if "base" in data else "") + ("val_batch_size" if "val_batch_size" in str(data) else
+                                                            "batch_size")
+    cfg = {"trainer": {"devices": 2, "use_distributed_sampler": False}, "data": data}
+    with pytest.raises(ConfigError, match=rf"{key}=\d+ \(the global batch\) must be divisible by the world size 2"):
+        validate_train_config(cfg)
