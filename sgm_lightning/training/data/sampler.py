@@ -86,6 +86,12 @@ class ResumableBatchSampler:
         drop_last: drop the last incomplete global batch. With ``drop_last=False`` the index list is
             padded by wrapping around to a multiple of ``world_size`` (as ``DistributedSampler`` does)
             so that every rank yields the same number of batches; with one rank nothing is repeated.
+        pad: with ``drop_last=False``, whether to pad as above (True) or never repeat an example (False,
+            for evaluation, where a repeated example biases the mean): the last global batch is then
+            split as evenly as possible over the ranks, and merged into the one before when it has
+            fewer examples than ranks, so that every rank still yields the same number of non-empty
+            batches (one rank batch may then hold one example more than ``batch_size``). Needs
+            ``num_samples >= world_size``.
 
     ``set_start(k)`` makes the next iteration over the current epoch skip its first ``k`` batches
     (a resumed run continues at the first unseen batch); ``len()`` stays the full number of batches
@@ -101,6 +107,7 @@ class ResumableBatchSampler:
         seed: int,
         shuffle: bool = True,
         drop_last: bool = True,
+        pad: bool = True,
     ):
         check_int("num_samples", num_samples, min=0)
         check_int("batch_size", batch_size)
@@ -108,11 +115,18 @@ class ResumableBatchSampler:
         check_int("rank", rank, min=0)
         if rank >= world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not drop_last and not pad and 0 < num_samples < world_size:
+            raise ValueError(
+                f"num_samples={num_samples} examples cannot be split over world_size={world_size} ranks without "
+                f"repeating one (pad=False): every rank needs at least one example; use at least {world_size} "
+                "examples, fewer ranks, or pad=True"
+            )
         self.sampler = EpochPermutation(num_samples, seed=seed, shuffle=shuffle)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
+        self.pad = bool(pad)
         self._start_epoch: int | None = None
         self._start = 0
 
@@ -160,12 +174,27 @@ class ResumableBatchSampler:
         n, b = self.num_samples, self._global_batch()
         if self.drop_last:
             return n // b
+        if not self.pad:
+            return len(self._unpadded_bounds())
         padded = math.ceil(n / self.world_size) * self.world_size
         return math.ceil(padded / b)
+
+    def _unpadded_bounds(self) -> list[tuple[int, int]]:
+        """``pad=False``: (start, end) of every global batch in the epoch's index list; a last partial
+        batch with fewer examples than ranks is merged into the one before (see ``pad``)."""
+        n, b = self.num_samples, self._global_batch()
+        bounds = [(i, min(i + b, n)) for i in range(0, n, b)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < self.world_size:
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
 
     def epoch_batches(self) -> list[list[int]]:
         """All batches of this rank in the current epoch (ignores ``set_start``)."""
         idx = self.sampler.indices()
+        if not self.drop_last and not self.pad:  # rank r: the r-th of world_size near-equal parts
+            ws, r = self.world_size, self.rank
+            return [idx[lo + r * (hi - lo) // ws: lo + (r + 1) * (hi - lo) // ws].tolist()
+                    for lo, hi in self._unpadded_bounds()]
         nb, b, bs = len(self), self._global_batch(), self.batch_size
         if self.drop_last:
             idx = idx[: nb * b]
