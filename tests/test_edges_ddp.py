@@ -1,15 +1,11 @@
 """Multi-process (DDP) edge cases: validation sharding over any world size, and (slow, 2 CPU processes
 with gloo through ``train.py``) resuming a 1-process run on 2 processes with validation and sample grids on.
 
-Known, not yet fixed (xfail, strict): the validation loader pads its index list like
-``DistributedSampler`` (wrapping around to a multiple of the world size), so with a validation set
-whose size is not divisible by the world size some examples are counted twice in the cross-rank mean
-``val/loss``. ``ResumableBatchSampler(pad=False)`` shards without repeats, but switching
-``BaseDataModule.val_dataloader`` to it needs ``ScoreLitModule`` to reduce ``val/loss`` as float sums
-and counts first: Lightning's ``sync_dist`` mean of the integer batch-size weights is floored on gloo
-(``lightning/fabric/utilities/distributed.py::_sync_ddp``), exact only while every rank holds the same
-number of examples, which the padding guarantees (measured: 11 held-out digits on 2 ranks, logged
-1.0612 against the exact 0.9647).
+The validation loader shards without repeats (``ResumableBatchSampler(pad=False)``): padding like
+``DistributedSampler`` counted some examples twice in the cross-rank mean ``val/loss``. ``ScoreLitModule``
+reduces ``val/loss`` as float64 sums and counts, because Lightning's ``sync_dist`` mean of the integer
+batch-size weights is floored on gloo, exact only while every rank holds the same number of examples
+(measured: 11 held-out digits on 2 ranks, logged 1.0612 against the exact 0.9647).
 """
 
 from __future__ import annotations
@@ -54,15 +50,11 @@ def _val_shards(n_val: int, val_batch_size: int, world_size: int) -> list[list[l
     return shards
 
 
-_PADDED = pytest.mark.xfail(strict=True, reason="val_dataloader still pads like DistributedSampler (see the module "
-                             "docstring): needs ScoreLitModule's float reduction of val/loss first")
-
-
 @pytest.mark.parametrize("n_val,val_batch_size,world_size", [
-    pytest.param(11, 8, 2, marks=_PADDED),  # last global batch of 3 examples over 2 ranks: 2 + 1
-    pytest.param(9, 8, 2, marks=_PADDED),   # last global batch of 1 example < 2 ranks: merged into the one before
-    pytest.param(13, 6, 3, marks=_PADDED),  # 6 + 6 + 1: the single example joins the second batch
-    pytest.param(5, 8, 4, marks=_PADDED),   # one global batch smaller than batch_size: 1 + 1 + 1 + 2
+    (11, 8, 2),  # last global batch of 3 examples over 2 ranks: 2 + 1
+    (9, 8, 2),   # last global batch of 1 example < 2 ranks: merged into the one before
+    (13, 6, 3),  # 6 + 6 + 1: the single example joins the second batch
+    (5, 8, 4),   # one global batch smaller than batch_size: 1 + 1 + 1 + 2
     (10, 4, 2),   # divisible: nothing changes
     (7, 3, 1),    # one process: dataset order in chunks of 3
 ])
@@ -79,7 +71,6 @@ def test_validation_shards_hold_every_example_once_and_equal_batch_counts(n_val,
         assert shards[0] == [list(range(i, min(i + per_rank, n_val))) for i in range(0, n_val, per_rank)]
 
 
-@_PADDED
 def test_validation_set_smaller_than_world_size_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match=r"has 3 example\(s\), fewer than the world size 4: every rank needs at "
                                          r"least one\. Hold out more examples .*data\.val_fraction"):

@@ -232,15 +232,29 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
                 return self.loss_fn(self.score_model, x.clone(), generator=g).detach()[None]
         return dsm_grid_loss(self.sde, self.score_model, x, self.val_times().to(x.device), g, **cond)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None  # (sum of the example means, sums per t, count) of this rank, float64
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        losses = self.validation_losses(batch, batch_idx)
-        n = losses.shape[1]
-        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=n)
-        if losses.shape[0] > 1:
-            k, T = losses.shape[0], self.sde.T
+        losses = self.validation_losses(batch, batch_idx).double()
+        sums = torch.cat([losses.mean(0).sum()[None], losses.sum(1), losses.new_tensor([losses.shape[1]])])
+        self._val_sums = sums if getattr(self, "_val_sums", None) is None else self._val_sums + sums
+
+    def on_validation_epoch_end(self) -> None:
+        # reduced here, once, as float64 sums and counts: Lightning's sync_dist mean of the batch-size
+        # weights is an integer mean (floored) on gloo, wrong when ranks hold different numbers of examples
+        sums = self._val_sums
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+        count = sums[-1]
+        self.log("val/loss", (sums[0] / count).float(), prog_bar=True)
+        k = sums.shape[0] - 2
+        if k > 1:
+            T = self.sde.T
             for b in range(k):
-                self.log(f"val/loss_t{b / k * T:.1f}-{(b + 1) / k * T:.1f}", losses[b].mean(), sync_dist=True,
-                         batch_size=n)
+                self.log(f"val/loss_t{b / k * T:.1f}-{(b + 1) / k * T:.1f}", (sums[1 + b] / count).float())
+        self._val_sums = None
 
     # ------------------------------------------------------------------ sampling
     def score_fn(self, y: torch.Tensor | None = None, guidance_scale: float | None = None) -> Callable:

@@ -186,14 +186,26 @@ class BaseDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Validation batches (dataset order, sharded over ranks, padded like DistributedSampler);
-        an empty list when there is no validation set (Lightning then skips validation)."""
+        """Validation batches (dataset order, sharded over ranks); an empty list when there is no
+        validation set (Lightning then skips validation).
+
+        Every example is seen exactly once over all ranks (no DistributedSampler-style padding, whose
+        repeated examples biased the cross-rank mean ``val/loss``), and every rank gets the same
+        number of batches (``ResumableBatchSampler(pad=False)``), so no rank waits for the others."""
         self.setup("validate")
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return []
         rank, ws = self._layout()
         bs = self.per_rank_batch_size(self.val_batch_size, ws, name="val_batch_size")
-        sampler = ResumableBatchSampler(len(self.val_dataset), bs, rank, ws, self.seed, shuffle=False, drop_last=False)
+        n = len(self.val_dataset)
+        if n < ws:
+            raise ValueError(
+                f"the validation set of {getattr(self, 'dataset_id', type(self).__name__)} has {n} example(s), "
+                f"fewer than the world size {ws}: every rank needs at least one. Hold out more examples "
+                f"(e.g. a larger data.val_fraction), run on fewer devices, or switch validation off "
+                f"(data.val_fraction=0 or trainer.limit_val_batches=0)"
+            )
+        sampler = ResumableBatchSampler(n, bs, rank, ws, self.seed, shuffle=False, drop_last=False, pad=False)
         # its own generator: iterating it must not draw from the global RNG (exact resume of training)
         return self._loader(self.val_dataset, sampler, generator=torch.Generator().manual_seed(self.seed))
 
