@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import lightning as L
 import torch
 from torch.utils.data import Dataset
 
@@ -163,3 +164,34 @@ def test_ddp_resume_of_one_process_run_with_exact_validation_and_one_grid(tmp_pa
     assert len(dm.val_dataset) == 11 and count in (11, 12)
     assert logged == pytest.approx(total / count, rel=1e-5)
     assert logged_t0 == pytest.approx(total_t0 / count, rel=1e-5)
+
+
+def test_ranks_get_their_own_global_rng_stream_and_rank_0_keeps_seed_everythings():
+    """seed_everything(seed) gave every rank the same global CPU RNG: dropout masks were identical on all
+    ranks. At train start ranks > 0 reseed from (seed, step, rank); a resumed rank restores its saved state."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.training.state import TrainingStateMixin
+
+    class Module(TrainingStateMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"seed": 3})
+            self._pending_torch_rng = None
+
+    def first_draw(rank, step=0, saved=None):
+        L.seed_everything(3, verbose=False)
+        m = Module()
+        m._trainer = SimpleNamespace(global_rank=rank, global_step=step)
+        m._pending_torch_rng = saved
+        m.on_train_start()
+        return torch.rand(4)
+
+    assert torch.equal(first_draw(0), (L.seed_everything(3, verbose=False), torch.rand(4))[1])  # unchanged
+    ranks = [first_draw(r) for r in range(3)]
+    assert not torch.equal(ranks[0], ranks[1]) and not torch.equal(ranks[1], ranks[2])
+    assert torch.equal(first_draw(1), ranks[1])  # deterministic
+    assert not torch.equal(first_draw(1, step=5), ranks[1])  # a resume with no state for this rank: new stream
+    state = torch.Generator().manual_seed(11).get_state()
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(first_draw(1, saved={"torch": state, "cuda": None}), expected)  # restored, not reseeded

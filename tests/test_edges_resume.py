@@ -197,3 +197,19 @@ def test_ema_scope_leaves_no_copy_of_the_weights_in_checkpoints_and_nests():
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     assert ckpt["ema"]["collected_params"] is None
+
+
+def test_loss_buckets_without_examples_are_gaps_not_repeats(tmp_path):
+    """A noise-level bucket with no example in a logging step kept its last value (Lightning re-logged it);
+    it is now NaN, and each logged bucket is the mean over that step's examples in it."""
+    run(tmp_path, "trainer.max_steps=4", "logger=csv", "data.batch_size=4", "trainer.log_every_n_steps=1")
+    (path,) = glob.glob(os.path.join(str(tmp_path), "**", "metrics.csv"), recursive=True)
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_t0.0-0.1")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    buckets = [k for k in rows[0] if k.startswith("train/loss_t")]
+    assert len(buckets) == 10
+    for prev, row in zip(rows, rows[1:]):
+        values = [float(row[k]) for k in buckets]
+        assert 1 <= sum(v == v for v in values) <= 4  # 4 examples: at most 4 buckets hold one
+        assert not any(v == v and v == float(prev[k]) for k, v in zip(buckets, values))  # nothing repeated

@@ -142,7 +142,8 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         self._images_since_log += x.shape[0]
         if self._interval_end() and self._ends_optimizer_step(batch_idx):
             # not prog_bar: Lightning would read it every step (callbacks/progress.py)
-            self.log("train/loss", self._interval_loss / self._interval_steps)
+            # the mean over ranks too (every rank ends the interval on the same step)
+            self.log("train/loss", self._interval_loss / self._interval_steps, sync_dist=True)
             self._interval_loss.zero_()
             self._interval_steps = 0
         if self._logging_step():  # the rest needs the host: only on steps whose metrics reach the logger

@@ -207,13 +207,19 @@ class TrainingStateMixin:
         # Lightning creates the training dataloader iterator (which draws a base seed from the global
         # RNG) after restoring the checkpoint; restoring the global RNG here, after that draw, makes a
         # resumed run continue the uninterrupted run's global RNG stream bitwise.
+        cpu = cuda = None
         if self._pending_torch_rng is not None:
             cpu, cuda = self._pending_torch_rng["torch"], self._pending_torch_rng["cuda"]
-            if cpu is not None:
-                torch.set_rng_state(cpu)
+            self._pending_torch_rng = None
+        if cpu is not None:
+            torch.set_rng_state(cpu)
             if cuda is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(cuda, self.device)
-            self._pending_torch_rng = None
+        elif self.global_rank > 0:
+            # seed_everything gave every rank the same global stream: dropout masks (and any other draw
+            # from it) repeated on every rank. Ranks > 0 get their own, from (seed, step, rank); rank 0
+            # keeps seed_everything's, so a one-process run is unchanged.
+            torch.manual_seed(rank_seed(self.hparams.seed + self.global_step, self.global_rank))
 
 
 def _rank_state(saved, rank: int) -> torch.Tensor | None:

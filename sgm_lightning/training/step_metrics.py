@@ -63,11 +63,20 @@ class StepMetricsMixin:
         return bool(loggers) and self._interval_end()
 
     def _log_buckets(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """``train/loss_t<lo>-<hi>``: the mean loss of this step's examples (over all ranks) whose t falls in
+        each of ``num_loss_buckets`` equal bins of [0, T]. A bin without examples is logged as NaN (a gap in the
+        charts): not logging it made Lightning repeat its last value."""
         k = self.hparams.num_loss_buckets
         idx = (t.double() / self.sde.T * k).long().clamp(0, k - 1)
-        for b in torch.unique(idx).tolist():
+        sums = torch.zeros(2, k, dtype=torch.float64, device=losses.device)
+        sums[0].index_add_(0, idx, losses.double())
+        sums[1].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        if self.trainer.world_size > 1:  # every rank reaches this on the same (logging) step
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.full_like(sums[0], float("nan")))
+        for b, value in enumerate(means.float().unbind()):
             lo, hi = b / k * self.sde.T, (b + 1) / k * self.sde.T
-            self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", losses[idx == b].mean())
+            self.log(f"train/loss_t{lo:.1f}-{hi:.1f}", value)
 
     def _log_throughput(self) -> None:
         # images over the wall time between two logging steps (the host runs ahead of the GPU by at
