@@ -392,3 +392,20 @@ def test_mnist_embedded_config_builds_the_module():
         cfg = compose(config_name="train", overrides=["data=mnist_embedded"])
     dm = instantiate(cfg.data)
     assert isinstance(dm, MNISTEmbeddedDataModule) and dm.data_shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("new_batch, expected_start_example", [(32, 192), (16, 192), (40, 160)])
+def test_resume_with_another_batch_size_continues_after_the_same_examples(new_batch, expected_start_example):
+    """The saved position counted batches of the old size: a resume with another data.batch_size skipped
+    (or repeated) whole batches' worth of examples. It now continues after the examples already consumed
+    (rounded down to a whole new batch)."""
+    from sgm_lightning.training.data import DigitsDataModule
+    old = DigitsDataModule(batch_size=64, seed=5)
+    order = [i for batch in old.train_batch_sampler().epoch_batches() for i in batch]  # epoch 0's order
+    new = DigitsDataModule(batch_size=new_batch, seed=5)
+    new.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": 5, "batch_size": 64})  # 192 examples seen
+    first = next(iter(new.train_batch_sampler()))
+    assert first == order[expected_start_example:expected_start_example + new_batch]
+    same = DigitsDataModule(batch_size=64, seed=5)
+    same.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": 5})  # older files: no batch size stored
+    assert next(iter(same.train_batch_sampler())) == order[192:256]

@@ -17,8 +17,9 @@ DataModule therefore stores ``{"epoch", "batches_consumed"}`` in ``state_dict()`
 in every checkpoint), read from ``trainer.fit_loop.epoch_loop.batch_progress.current.ready``, and
 ``load_state_dict()`` makes the next ``train_dataloader()`` skip the consumed batches of that epoch.
 (Lightning still prints "your dataloader is not resumable": it only checks the DataLoader object.)
-The count is in global steps' batches, so a run may also resume on another number of ranks as
-long as the global batch size is unchanged.
+The count is in global steps' batches, so a run may also resume on another number of ranks; with another
+global batch size the position is converted through the number of examples consumed (the state holds the
+batch size).
 """
 
 from __future__ import annotations
@@ -230,14 +231,23 @@ class BaseDataModule(L.LightningDataModule):
         # the epoch the counted batches belong to: trainer.current_epoch is one ahead in a file written
         # after fit ended, once Lightning has closed the epoch (also when max_steps stopped it mid-epoch)
         epoch = max(int(trainer.fit_loop.epoch_progress.current.started) - 1, 0)
-        return {"epoch": epoch, "batches_consumed": int(progress.ready), "seed": self.seed}
+        return {"epoch": epoch, "batches_consumed": int(progress.ready), "seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         if int(state_dict.get("seed", self.seed)) != self.seed:
             log.warning("resuming with seed=%d, the checkpoint used seed=%s", self.seed, state_dict.get("seed"))
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"])}
+        consumed, saved_batch = int(state_dict["batches_consumed"]), state_dict.get("batch_size")
+        if saved_batch is not None and int(saved_batch) != self.batch_size:
+            # the position is in batches of the saved size: continue after the same examples of the epoch's order
+            examples = consumed * int(saved_batch)
+            consumed = examples // self.batch_size
+            log.warning("resuming with data.batch_size=%d, the checkpoint used %d: the epoch continues after its "
+                        "first %d examples%s", self.batch_size, int(saved_batch), consumed * self.batch_size,
+                        "" if examples % self.batch_size == 0 else
+                        f" ({examples - consumed * self.batch_size} of them are seen again)")
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": consumed}
 
 
 class LabelledTensorDataset(Dataset):
