@@ -292,3 +292,25 @@ def test_a_device_that_is_not_here_is_not_called_a_corrupt_checkpoint(tmp_path, 
         load_checkpoint(p, map_location=device)
     assert "cannot be loaded onto map_location" in str(e.value) and "corrupt" not in str(e.value)
     assert load_checkpoint(p)["state_dict"]["w"].sum() == 2  # the file is fine
+
+
+def test_nan_guard_stops_every_rank_when_one_rank_sees_a_non_finite_loss():
+    """Under fp16 the guard checks only the loss, which is rank-local: one rank raised alone and the
+    others waited forever in the next collective. The flags are now summed over ranks before acting."""
+    from types import SimpleNamespace
+    guard = NaNGuard(check_every_n_steps=4)
+    guard._pending = [(0, torch.tensor([True, True])), (1, torch.tensor([True, True]))]  # this rank: all finite
+    other_rank_bad_at_step_1 = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    reduced = []
+
+    def reduce(t, reduce_op):
+        reduced.append(reduce_op)
+        return t + other_rank_bad_at_step_1
+
+    trainer = SimpleNamespace(world_size=2, global_step=3, strategy=SimpleNamespace(reduce=reduce))
+    with pytest.raises(NonFiniteError, match="the loss is NaN/Inf at global step 1"):
+        guard._check(trainer, Tiny())
+    assert reduced == ["sum"]
+    guard._pending = [(4, torch.tensor([True, True]))]
+    guard._check(SimpleNamespace(world_size=2, global_step=4,
+                                 strategy=SimpleNamespace(reduce=lambda t, reduce_op: t)), Tiny())  # all ranks fine

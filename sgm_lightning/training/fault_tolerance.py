@@ -277,6 +277,8 @@ class NaNGuard(Callback):
         if not pending:
             return
         oks = torch.stack([ok.to(pending[-1][1].device) for _, ok in pending])
+        if trainer.world_size > 1:  # a rank-local failure (the loss; all of it under fp16) stops every rank
+            oks = trainer.strategy.reduce((~oks).float(), reduce_op="sum") == 0
         if bool(oks.all()):
             return
         i = int(torch.nonzero(~oks.all(dim=1))[0, 0])
