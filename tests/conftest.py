@@ -1,5 +1,6 @@
 """Test-session settings shared by every test file."""
 
+import importlib.util
 import os
 
 import pytest
@@ -39,3 +40,21 @@ def make_sdes(ve_sigma_max: float = 50.0) -> dict:
 
 
 SDES = make_sdes()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    """The entry-point script ``<repo>/<name>.py`` (train, sample) as a module, to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(f"_sgm_script_{name}", os.path.join(REPO, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compose_config(config: str, overrides):
+    """The Hydra config ``configs/<config>.yaml`` with ``overrides``, as the entry points compose it."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+        return compose(config_name=config, overrides=list(overrides))

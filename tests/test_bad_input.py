@@ -7,14 +7,12 @@ as subprocesses to check the printed ``Error: ...`` line, the exit code 2 and th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import TINY_QUIET
+from conftest import TINY_QUIET, compose_config, load_script
 
 from sgm_lightning.training.checkpoint import atomic_save
 from sgm_lightning.cli import (ConfigError, check_batch_vs_world, check_data_vs_net, check_num_samples,
@@ -24,32 +22,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [*TINY_QUIET, "trainer.max_steps=2"]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_sgm_{name}", os.path.join(REPO, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _compose(config: str, overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
-        return compose(config_name=config, overrides=list(overrides))
-
-
 def run_train(tmp_path, capsys, *overrides):
     """(exit code, stderr) of train.py's main body on ``overrides`` (expects an error exit)."""
-    cfg = _compose("train", [*TINY, f"run_dir={tmp_path / 'run'}", *overrides])
+    cfg = compose_config("train", [*TINY, f"run_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(SystemExit) as e:
-        run_cli(_script("train").train)(cfg)
+        run_cli(load_script("train").train)(cfg)
     return e.value.code, capsys.readouterr().err
 
 
 def run_sample(tmp_path, capsys, *overrides):
-    cfg = _compose("sample", [f"out_dir={tmp_path / 'out'}", "device=cpu", *overrides])
+    cfg = compose_config("sample", [f"out_dir={tmp_path / 'out'}", "device=cpu", *overrides])
     with pytest.raises(SystemExit) as e:
-        run_cli(_script("sample").sample_main)(cfg)
+        run_cli(load_script("sample").sample_main)(cfg)
     return e.value.code, capsys.readouterr().err
 
 
@@ -84,7 +68,7 @@ def test_corrupt_checkpoint(tmp_path, capsys):
 
 
 def test_checkpoint_from_incompatible_config(tmp_path, capsys):
-    cfg = _compose("train", [*TINY, f"run_dir={tmp_path}"])
+    cfg = compose_config("train", [*TINY, f"run_dir={tmp_path}"])
     from omegaconf import OmegaConf
 
     net = OmegaConf.to_container(cfg.net, resolve=True)

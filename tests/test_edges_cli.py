@@ -8,14 +8,13 @@ as on the command line (``run_cli(...)(cfg)``), which is fast.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_QUIET
+from conftest import TINY_QUIET, compose_config, load_script
 
 from sgm_lightning.cli import run_cli
 
@@ -23,24 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [*TINY_QUIET, "trainer.max_steps=2"]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_sgm_edges_{name}", os.path.join(REPO, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _compose(config: str, overrides):
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
-        return compose(config_name=config, overrides=list(overrides))
-
-
 def run_train(tmp_path, capsys, *overrides, base=TINY):
     """(exit code, stderr) of train.py's main body; exit code None when it ran to the end."""
-    cfg = _compose("train", [*base, f"run_dir={tmp_path / 'run'}", *overrides])
+    cfg = compose_config("train", [*base, f"run_dir={tmp_path / 'run'}", *overrides])
     try:
-        run_cli(_script("train").train)(cfg)
+        run_cli(load_script("train").train)(cfg)
     except SystemExit as e:
         return e.code, capsys.readouterr().err
     return None, capsys.readouterr().err
@@ -48,9 +34,9 @@ def run_train(tmp_path, capsys, *overrides, base=TINY):
 
 def run_sample(out_dir, capsys, *overrides):
     """(exit code or the returned paths, stderr) of sample.py's main body."""
-    cfg = _compose("sample", [f"out_dir={out_dir}", "device=cpu", *overrides])
+    cfg = compose_config("sample", [f"out_dir={out_dir}", "device=cpu", *overrides])
     try:
-        return run_cli(_script("sample").sample_main)(cfg), capsys.readouterr().err
+        return run_cli(load_script("sample").sample_main)(cfg), capsys.readouterr().err
     except SystemExit as e:
         return e.code, capsys.readouterr().err
 
@@ -277,7 +263,7 @@ def test_text_for_a_number_or_a_missing_value_is_one_clear_error(tmp_path, capsy
 def test_every_config_option_passes_the_settings_check():
     """No option of any config group, and no experiment, trips the settings check (all keys are
     arguments of their targets, all numbers are numbers)."""
-    check = _script("train").check_settings
+    check = load_script("train").check_settings
     from hydra import compose, initialize_config_dir
     options = {g: sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", g))) for g in
                ("data", "sde", "net", "loss", "optim", "lr_schedule", "callbacks", "logger", "model", "experiment")}
