@@ -8,7 +8,8 @@ is computed by ``torchmetrics.image.FrechetInceptionDistance`` (float64 states, 
 by torchmetrics' own sync); this module only adapts it:
 
 * ``make_fid_metric(extractor)``: the metric on a custom extractor (``num_features`` read from it),
-  keeping real statistics across ``reset()``.
+  keeping real statistics across ``reset()``; non-finite features (a diverged sampler's NaN samples)
+  give a NaN distance instead of reaching ``torch.linalg.eigvals`` (which crashes the process on CPU).
 * ``load_reference_statistics(metric, mu, sigma, n, rank)`` writes cached (mu, Sigma, n) into the
   metric's documented states ``real_features_sum`` = n mu, ``real_features_cov_sum`` =
   (n - 1) Sigma + n mu mu^T, ``real_features_num_samples`` = n, the inverse of what
@@ -20,6 +21,7 @@ by torchmetrics' own sync); this module only adapts it:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -29,6 +31,8 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from sgm_lightning.evaluation.features import extractor_name, is_inception
+
+log = logging.getLogger(__name__)
 
 _PREFIXES = {"fid": ("fid", "fd"), "kid": ("kid", "kd"), "is": ("is", "is")}
 
@@ -49,14 +53,31 @@ def _num_features(extractor: nn.Module) -> int:
     return int(n)
 
 
+class _FiniteFrechetDistance(FrechetInceptionDistance):
+    """``FrechetInceptionDistance`` returning NaN when a (synced) state is not finite.
+
+    With NaN / Inf features, ``torch.linalg.eigvals`` of the covariance product aborts the whole
+    process on CPU (MKL segfault), so one evaluation of a diverged model killed the training run.
+    """
+
+    def compute(self) -> torch.Tensor:
+        states = (self.real_features_sum, self.real_features_cov_sum, self.fake_features_sum, self.fake_features_cov_sum)
+        if all(bool(torch.isfinite(s).all()) for s in states):
+            return super().compute()
+        log.warning("Frechet distance: the %s features are not finite (NaN / Inf samples?); returning NaN",
+                    "real" if not all(bool(torch.isfinite(s).all()) for s in states[:2]) else "generated")
+        return torch.tensor(float("nan"), dtype=getattr(self, "orig_dtype", torch.float32), device=self.device)
+
+
 def make_fid_metric(extractor: nn.Module, **kwargs: Any) -> FrechetInceptionDistance:
-    """``FrechetInceptionDistance(feature=extractor)`` with real statistics kept across ``reset()``.
+    """``FrechetInceptionDistance(feature=extractor)`` with real statistics kept across ``reset()``;
+    NaN (not a crash) when the features are not finite.
 
     The extractor receives images exactly as passed to ``update`` (data range [-1, 1]).
     """
     _num_features(extractor)
     kwargs.setdefault("reset_real_features", False)
-    return FrechetInceptionDistance(feature=extractor, **kwargs)
+    return _FiniteFrechetDistance(feature=extractor, **kwargs)
 
 
 def make_kid_metric(extractor: nn.Module, subset_size: int = 1000, subsets: int = 100, **kwargs: Any

@@ -12,6 +12,7 @@ does not depend on the number of processes. The value is logged on every rank as
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -126,7 +127,8 @@ class FIDCallback(PeriodicEvaluation):
         return {"best": self.best, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict.get("best")
+        best = state_dict.get("best")
+        self.best = None if best is None or math.isnan(best) else best
         self.history = [tuple(h) for h in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------ setup
@@ -174,8 +176,9 @@ class FIDCallback(PeriodicEvaluation):
             kid_mean, kid_std = compute_seeded(self._kid, self.seed)
             out[self.kid_key], out[f"{self.kid_key}_std"] = float(kid_mean), float(kid_std)
         value = out[self.key]
-        self.best = value if self.best is None else min(self.best, value)
-        out[f"{self.key}_best"] = self.best
+        if not math.isnan(value):  # a NaN (diverged samples) must not become, or stay, the best
+            self.best = value if self.best is None else min(self.best, value)
+        out[f"{self.key}_best"] = float("nan") if self.best is None else self.best
         self.history.append((int(trainer.global_step), value))
         return out
 
