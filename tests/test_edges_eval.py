@@ -58,3 +58,49 @@ def test_fid_callback_nan_evaluation_is_logged_but_never_the_best(tmp_path):
     second = cb.evaluate(_trainer(2), module)
     assert math.isfinite(second["fd_identity"]) and second["fd_identity_best"] == second["fd_identity"]
     assert cb.best == second["fd_identity"]
+
+
+# ---------------------------------------------------------------------------- reference-statistics cache
+def test_reference_cache_key_follows_the_held_out_split(tmp_path):
+    # the digits' dataset_id does not say which examples val_fraction / seed hold out of "train":
+    # another split reused the cached statistics of the old one (wrong n, mean and covariance)
+    from sgm_lightning.evaluation.reference import reference_statistics
+    from sgm_lightning.training.data.embedded import DigitsDataModule
+    ext = RandomProjectionFeatures((1, 8, 8), dim=4, seed=0)
+
+    def stats(**data_kw):
+        dm = DigitsDataModule(**data_kw)
+        return dm, reference_statistics(ext, dm, dm.dataset_id, "train", None, tmp_path)
+
+    _, full = stats(val_fraction=0.0)
+    assert not full.hit and full.n == 1797
+    dm, held_out = stats(val_fraction=0.2, seed=0)
+    assert not held_out.hit and held_out.n == len(dm.train_dataset) == 1438
+    x = torch.stack([dm.train_dataset[i][0] for i in range(len(dm.train_dataset))])
+    assert torch.allclose(held_out.mu, ext(x).double().mean(0), atol=1e-5)
+    assert not stats(val_fraction=0.2, seed=1)[1].hit  # same size, other examples
+    assert stats(val_fraction=0.2, seed=0)[1].hit and stats(val_fraction=0.0)[1].hit
+
+
+def test_extractor_settings_that_change_features_change_the_cache_key():
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    narrow, default = RandomProjectionFeatures((1, 8, 8), dim=4, width=16), RandomProjectionFeatures((1, 8, 8), dim=4)
+    assert not torch.allclose(narrow(x), default(x))
+    assert narrow.name != default.name and default.name == "randproj4_s0"  # the documented key is unchanged
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_cache_file_is_recomputed(tmp_path, damage):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sgm_lightning.evaluation.reference import reference_statistics
+    data = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loader = DataLoader(TensorDataset(data), batch_size=16)
+    ext = RandomProjectionFeatures((1, 4, 4), dim=4)
+    kw = dict(dataset_id="toy", split="train", num_samples=32, cache_dir=tmp_path, resolution=(1, 4, 4))
+    first = reference_statistics(ext, loader, **kw)
+    raw = first.path.read_bytes()
+    first.path.write_bytes(b"not an npz file" if damage == "garbage" else raw[: len(raw) // 2])
+    again = reference_statistics(ext, loader, **kw)  # was: ValueError / BadZipFile from np.load
+    assert not again.hit and torch.equal(again.mu, first.mu) and torch.equal(again.sigma, first.sigma)
+    assert reference_statistics(ext, loader, **kw).hit  # the file was rewritten

@@ -170,7 +170,8 @@ class InceptionV3Features(nn.Module):
             verify_weights(path)
         self.weights_path = str(path)
         self.quantize = bool(quantize)
-        self.name = "inception_v3_tf_pool3"
+        # the name keys cached reference statistics: unquantized pixels give other features
+        self.name = "inception_v3_tf_pool3" + ("" if self.quantize else "_noquant")
         net = torch.jit.load(str(path), map_location="cpu")
         net.eval()
         for p in net.parameters():
@@ -218,8 +219,9 @@ class RandomProjectionFeatures(nn.Module):
     Two stride-2 3x3 convolutions with ReLU, global average pooling of the second and a linear map
     of the flattened first layer's pooled output to ``dim`` features. Weights are buffers drawn from
     ``torch.Generator().manual_seed(seed)`` with He scaling, so the features (and the cache key
-    ``name``) are reproducible. Works on any (B, C, H, W) with the given ``in_shape``; for
-    vectors (B, D) use ``in_shape=(D,)`` (a random linear map followed by tanh).
+    ``name`` = ``randproj<dim>_s<seed>``, with ``_w<width>`` for a width other than 32) are
+    reproducible. Works on any (B, C, H, W) with the given ``in_shape``; for vectors (B, D) use
+    ``in_shape=(D,)`` (a random linear map followed by tanh).
     """
 
     is_inception = False
@@ -229,10 +231,11 @@ class RandomProjectionFeatures(nn.Module):
         self.in_shape = tuple(int(s) for s in in_shape)
         if len(self.in_shape) not in (1, 3) or any(s <= 0 for s in self.in_shape):
             raise ValueError(f"in_shape must be (C, H, W) or (D,) with positive entries, got {in_shape!r}")
-        check_int("dim", dim)
-        g = torch.Generator().manual_seed(int(seed))
+        dim, width, seed = check_int("dim", dim), check_int("width", width), int(seed)
+        g = torch.Generator().manual_seed(seed)
         self.num_features = int(dim)
-        self.name = f"randproj{dim}_s{seed}"
+        # every setting that changes the features is in the name (the cache key of reference statistics)
+        self.name = f"randproj{dim}_s{seed}" + (f"_w{width}" if len(self.in_shape) == 3 and width != 32 else "")
         if len(self.in_shape) == 1:
             d = self.in_shape[0]
             self.register_buffer("w", torch.randn(dim, d, generator=g) / math.sqrt(d))

@@ -1,7 +1,9 @@
 """Real-data feature statistics (mu, Sigma, n), computed once and cached on disk.
 
 A cache entry is keyed by a sha256 of (dataset_id, resolution, split, extractor name, num_samples,
-format version), so statistics of one dataset / feature space can never be reused for another.
+format version) and, for a datamodule that holds out a validation split, of the split that defines
+the "train" / "val" examples (``val_fraction``, ``seed``), so statistics of one dataset / split /
+feature space can never be reused for another. An unreadable (corrupt, truncated) file is recomputed.
 Files are ``<cache_dir>/<dataset_id>_<split>_<key>.npz`` holding ``mu`` (F,), ``sigma`` (F, F)
 (unbiased, float64), ``n`` and the key fields; with ``keep_features=True`` also the raw ``features``
 (N, F) float32 (needed by KID). Writes are atomic (temporary file + ``os.replace``), so concurrent
@@ -46,11 +48,15 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/sgm_lightning/fid_stats").expanduser()
 
 
-def reference_key(dataset_id: str, resolution, split: str, extractor: str, num_samples: int | None) -> str:
-    """Hash (16 hex digits) identifying a set of reference statistics."""
+def reference_key(dataset_id: str, resolution, split: str, extractor: str, num_samples: int | None,
+                  split_spec: dict | None = None) -> str:
+    """Hash (16 hex digits) identifying a set of reference statistics; ``split_spec`` (what selects the
+    split's examples, see ``split_spec``) enters it when given."""
     fields = {"dataset_id": str(dataset_id), "resolution": list(resolution) if isinstance(resolution, (tuple, list))
               else resolution, "split": str(split), "extractor": str(extractor),
               "num_samples": None if num_samples is None else int(num_samples), "version": CACHE_FORMAT_VERSION}
+    if split_spec:
+        fields["split_spec"] = dict(split_spec)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -101,6 +107,31 @@ def _dataloader(data: Any, split: str, batch_size: int, num_samples: int | None)
         return data
     raise ValueError(f"data must be a DataLoader (iterable of batches) or a datamodule with {split}_dataloader(), "
                      f"got {type(data).__name__}")
+
+
+def split_spec(data: Any, split: str) -> dict | None:
+    """What selects the examples of ``split`` beyond ``dataset_id``: a datamodule holding out
+    ``val_fraction`` of its training data (chosen with ``seed``) has other "train" / "val" examples for
+    another fraction or seed (its ``dataset_id`` does not say so). None when there is no such split."""
+    fraction = getattr(data, "val_fraction", None)
+    if split not in ("train", "val") or not isinstance(fraction, (int, float)) or float(fraction) == 0.0:
+        return None
+    return {"val_fraction": float(fraction), "seed": getattr(data, "seed", None)}
+
+
+def _load_cached(path: Path, key: str, keep_features: bool):
+    """(mu, sigma, n, features) of a valid cache file for ``key``; None when absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key or (keep_features and "features" not in z.files):
+                return None
+            feats = torch.from_numpy(z["features"]) if keep_features else None
+            return torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), feats
+    except Exception as err:  # truncated / corrupt / foreign file: never a wrong number, recompute it
+        log.warning("reference statistics: cannot read %s (%s: %s); recomputing it", path, type(err).__name__, err)
+        return None
 
 
 def _resolution(data: Any, resolution):
@@ -189,19 +220,17 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
         check_int("num_samples (None: whole split)", num_samples, min=2)
     resolution = _resolution(data, resolution)
     name = extractor_name(extractor)
-    key = reference_key(dataset_id, resolution, split, name, num_samples)
+    spec = split_spec(data, split)
+    key = reference_key(dataset_id, resolution, split, name, num_samples, spec)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / f"{_sanitize(dataset_id)}_{_sanitize(split)}_{key}.npz"
     meta = {"dataset_id": str(dataset_id), "resolution": str(tuple(resolution) if isinstance(resolution, (list, tuple))
             else resolution), "split": str(split), "extractor": name, "num_samples": -1 if num_samples is None
-            else int(num_samples), "key": key}
-    if path.is_file():
-        with np.load(path) as z:
-            if str(z["key"]) == key and (not keep_features or "features" in z.files):
-                feats = torch.from_numpy(z["features"]) if "features" in z.files and keep_features else None
-                log.info("reference statistics: cache hit %s", path)
-                return ReferenceStats(torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), key,
-                                      path, True, feats, meta)
+            else int(num_samples), "key": key, **({"split_spec": json.dumps(spec, sort_keys=True)} if spec else {})}
+    cached = _load_cached(path, key, keep_features)
+    if cached is not None:
+        log.info("reference statistics: cache hit %s", path)
+        return ReferenceStats(*cached[:3], key, path, True, cached[3], meta)
     log.info("reference statistics: computing %s (%s)", path, meta)
     mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split, batch_size, num_samples), num_samples,
                                                       device=device, keep_features=keep_features,
