@@ -104,3 +104,53 @@ def test_unreadable_cache_file_is_recomputed(tmp_path, damage):
     again = reference_statistics(ext, loader, **kw)  # was: ValueError / BadZipFile from np.load
     assert not again.hit and torch.equal(again.mu, first.mu) and torch.equal(again.sigma, first.sigma)
     assert reference_statistics(ext, loader, **kw).hit  # the file was rewritten
+
+
+# ---------------------------------------------------------------------------- schedule
+def _fit(tmp_path, cb, max_steps, ckpt_path=None, module=None, **trainer_kw):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=[cb, ck], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=True,
+                        default_root_dir=tmp_path, **{"limit_val_batches": 0, **trainer_kw})
+    trainer.fit(module or StubModule(), datamodule=ToyData(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _fid(tmp_path, **kw):
+    return FIDCallback(extractor=IdentityFeatures(SHAPE), num_samples=16, batch_size=16, reference_num_samples=64,
+                       cache_dir=str(tmp_path / "stats"), **{"every_n_steps": 2, **kw})
+
+
+def test_resume_with_gradient_accumulation_does_not_repeat_an_evaluation(tmp_path):
+    # the first batches after resuming from step 2 still show global_step 2 (accumulating for step 3):
+    # step 2 was evaluated a second time (history [2, 2, 4])
+    _fit(tmp_path, _fid(tmp_path), 2, accumulate_grad_batches=2)
+    cb = _fid(tmp_path)
+    module = StubModule()
+    _fit(tmp_path, cb, 4, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"), module=module, accumulate_grad_batches=2)
+    assert [s for s, _ in cb.history] == [2, 4] and len(module.calls) == 1
+
+
+class _ValModule(StubModule):
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+class _ValData(ToyData):
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_validation_at_an_evaluated_step_reuses_the_figures(tmp_path):
+    # every_n_steps and at_validation at the same step: the second evaluation drew the same samples again
+    import lightning as L
+    cb = _fid(tmp_path, at_validation=True)
+    module = _ValModule()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=_ValData())
+    assert [s for s, _ in cb.history] == [2, 4] and len(module.calls) == 2
+    assert float(trainer.callback_metrics["val/fd_identity"]) == pytest.approx(cb.history[-1][1])

@@ -37,6 +37,12 @@ class PeriodicEvaluation(Callback):
     each validation epoch, and its figures are logged as ``{prefix}/{name}`` by ``log_evaluation``.
 
     Subclasses set ``every_n_steps`` (int or None), ``at_validation``, ``prefix`` and ``prog_bar_key``.
+
+    A step evaluation runs after the batch whose optimizer step reached the step: with gradient
+    accumulation the other batches of that step see the same ``global_step`` (after a resume from a
+    checkpoint of step N, the next batches still show N and evaluated step N a second time). A
+    validation at a step that was just evaluated logs the same figures again without recomputing them
+    (same weights, same seeds).
     """
 
     every_n_steps: int | None = None
@@ -44,23 +50,41 @@ class PeriodicEvaluation(Callback):
     prefix: str = "val"
     prog_bar_key: str | None = None
     _last_step: int = -1
+    _step_at_batch_start: int | None = None
+    _last_eval: tuple[int, dict] | None = None  # (global step, figures) of the latest evaluation
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         raise NotImplementedError
 
     def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         out = self.evaluate(trainer, pl_module)
+        self._last_eval = (trainer.global_step, dict(out))
         log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar=self.prog_bar_key)
         if trainer.is_global_zero:
             log.info("%s at step %d: %s", type(self).__name__, trainer.global_step, out)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_eval = None  # figures of another fit (other weights) are never reused
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._last_eval = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step \
+                or step == self._step_at_batch_start:  # this batch made no optimizer step
             return
         self._last_step = step
         self._run_and_log(trainer, pl_module, on_step=True)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.at_validation and not trainer.sanity_checking:
-            self._run_and_log(trainer, pl_module, on_step=False)
+        if not self.at_validation or trainer.sanity_checking:
+            return
+        if self._last_eval is not None and self._last_eval[0] == trainer.global_step:
+            log_evaluation(trainer, pl_module, self.prefix, self._last_eval[1], on_step=False,
+                           prog_bar=self.prog_bar_key)
+            return
+        self._run_and_log(trainer, pl_module, on_step=False)
