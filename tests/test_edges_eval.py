@@ -154,3 +154,17 @@ def test_validation_at_an_evaluated_step_reuses_the_figures(tmp_path):
     trainer.fit(module, datamodule=_ValData())
     assert [s for s, _ in cb.history] == [2, 4] and len(module.calls) == 2
     assert float(trainer.callback_metrics["val/fd_identity"]) == pytest.approx(cb.history[-1][1])
+
+
+# ---------------------------------------------------------------------------- start-up checks
+def test_fid_callback_settings_that_cannot_be_computed_stop_at_fit_start(tmp_path):
+    # both used to fail at the first evaluation, after training to step every_n_steps
+    module = StubModule()
+    cb = FIDCallback(extractor=IdentityFeatures(SHAPE), num_samples=64, batch_size=16, reference_num_samples=128,
+                     cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="divisible by batch_size x world_size = 16 x 3"):
+        cb.on_fit_start(_trainer(world_size=3), module)
+    kid = FIDCallback(extractor=IdentityFeatures(SHAPE), num_samples=64, batch_size=16, reference_num_samples=40,
+                      cache_dir=str(tmp_path), kid=True, kid_subset_size=50)
+    with pytest.raises(ValueError, match=r"kid_subset_size=50 is larger than the 40 reference images.*<= 40"):
+        kid.on_fit_start(_trainer(), module)

@@ -138,6 +138,7 @@ class FIDCallback(PeriodicEvaluation):
         if dm is None or dataset_id is None:
             raise ValueError("FIDCallback needs trainer.datamodule with a dataset_id (or dataset_id=...) to "
                              "compute the reference statistics; pass the datamodule to trainer.fit(datamodule=...)")
+        chunk_seeds(self.num_samples, self.batch_size, self.seed, 0, trainer.world_size)  # fail now, not at step N
         self._fid = make_fid_metric(self.extractor).to(pl_module.device)
         if self.kid:
             self._kid = make_kid_metric(self.extractor, subset_size=self.kid_subset_size).to(pl_module.device)
@@ -145,6 +146,10 @@ class FIDCallback(PeriodicEvaluation):
                                           self.reference_num_samples, self.cache_dir, keep_features=self.kid,
                                           device=pl_module.device, batch_size=self.batch_size)
         self.reference_key = ref.key
+        if self.kid and ref.n < self.kid_subset_size:
+            raise ValueError(f"kid_subset_size={self.kid_subset_size} is larger than the {ref.n} reference images "
+                             f"({self.reference_split} split, reference_num_samples={self.reference_num_samples}); "
+                             f"set kid_subset_size <= {ref.n} or use more reference images")
         load_reference_statistics(self._fid, ref.mu, ref.sigma, ref.n, rank=trainer.global_rank)
         if self._kid is not None:  # each rank holds a 1/W share; torchmetrics concatenates them
             load_reference_features(self._kid, ref.features[trainer.global_rank::trainer.world_size], rank=0)
