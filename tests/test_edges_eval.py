@@ -168,3 +168,72 @@ def test_fid_callback_settings_that_cannot_be_computed_stop_at_fit_start(tmp_pat
                       cache_dir=str(tmp_path), kid=True, kid_subset_size=50)
     with pytest.raises(ValueError, match=r"kid_subset_size=50 is larger than the 40 reference images.*<= 40"):
         kid.on_fit_start(_trainer(), module)
+
+
+# ---------------------------------------------------------------------------- extractor input
+class _Recorder(torch.nn.Module):
+    """Stands in for the TorchScript Inception net: records its input, returns 2 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return x.mean(dim=(2, 3))[:, :2]
+
+
+def _tf1_bilinear(p: torch.Tensor, out: int) -> torch.Tensor:
+    """Hand-written TF1 resize_bilinear(align_corners=False) of (H, W) pixels: output i reads source
+    i * in / out, linear between floor and floor + 1 (clamped to the last row / column)."""
+    def weights(n_in):
+        src = torch.arange(out, dtype=torch.float64) * n_in / out
+        lo = src.floor().long()
+        hi, w = (lo + 1).clamp(max=n_in - 1), src - lo
+        m = torch.zeros(out, n_in, dtype=torch.float64)
+        m[torch.arange(out), lo] += 1 - w
+        m[torch.arange(out), hi] += w
+        return m
+    return weights(p.shape[0]) @ p.double() @ weights(p.shape[1]).T
+
+
+@pytest.fixture
+def stub_inception(monkeypatch, tmp_path):
+    from sgm_lightning.evaluation import features as feat_mod
+    weights = tmp_path / "default_1.pt"
+    weights.write_bytes(b"stub")
+    net = _Recorder()
+    monkeypatch.setattr(feat_mod, "find_inception_weights", lambda path=None: weights)
+    monkeypatch.setattr(feat_mod.torch.jit, "load", lambda *a, **k: net)
+    return net
+
+
+def test_inception_preprocessing_by_hand_grey_odd_size_and_uint8(stub_inception):
+    from sgm_lightning.evaluation.features import InceptionV3Features
+    ext = InceptionV3Features(verify=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 5, 7, generator=g) * 2 - 1  # grey, neither square nor 32x32
+    ext(x)
+    seen = stub_inception.inputs[-1]
+    assert seen.shape == (2, 3, 299, 299) and seen.dtype == torch.float32
+    assert torch.equal(seen[:, 0], seen[:, 1]) and torch.equal(seen[:, 0], seen[:, 2])  # grey -> RGB
+    pixels = torch.round((x[:, 0].double() + 1) * 127.5)
+    for b in range(2):
+        expected = (_tf1_bilinear(pixels[b], 299) - 128) / 128
+        assert torch.allclose(seen[b, 0].double(), expected, atol=1e-4)
+    # uint8 pixels are pixels (they were read as data in [-1, 1]: every pixel > 0 became 255)
+    ext(pixels.to(torch.uint8)[:, None])
+    assert torch.equal(stub_inception.inputs[-1], seen)
+    with pytest.raises(ValueError, match=r"uint8.*p.float\(\) / 127.5 - 1"):
+        ext(pixels.long()[:, None])
+    assert InceptionV3Features(verify=False, quantize=False).name != ext.name  # other features, other cache key
+
+
+def test_uint8_reference_images_give_the_statistics_of_their_float_version():
+    from sgm_lightning.evaluation.reference import compute_features_statistics
+    p = torch.randint(0, 256, (40, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    ext = RandomProjectionFeatures((1, 8, 8), dim=4)
+    mu, sigma, n, _ = compute_features_statistics(ext, [p[:20], p[20:]], data_range="[0,1]")
+    mu_f, sigma_f, n_f, _ = compute_features_statistics(ext, [p.float() / 255], data_range="[0,1]")
+    assert n == n_f == 40 and torch.allclose(mu, mu_f, atol=1e-6) and torch.allclose(sigma, sigma_f, atol=1e-6)
+    assert torch.allclose(ext(p), ext(p.float() / 127.5 - 1))

@@ -2,7 +2,8 @@
 
 Every extractor is an ``nn.Module`` with
 
-* ``forward(x) -> (B, num_features)`` float features, ``x`` a batch (B, ...) in the data range [-1, 1];
+* ``forward(x) -> (B, num_features)`` float features, ``x`` a batch (B, ...) in the data range [-1, 1]
+  (or uint8 pixels p, read as p / 127.5 - 1; other integer dtypes are refused);
 * ``name: str``: identifies the feature space (part of the reference-statistics cache key and of the
   logged metric name);
 * ``num_features: int`` (torchmetrics reads it instead of running a dummy image through the net);
@@ -109,12 +110,29 @@ def verify_weights(path: str | os.PathLike, sha256: str = FID_WEIGHTS_SHA256) ->
     return digest
 
 
+def _check_image_dtype(x: torch.Tensor) -> None:
+    if x.dtype != torch.uint8 and not torch.is_floating_point(x):
+        raise ValueError(f"images must be floats in [-1, 1] or uint8 pixels in [0, 255], got dtype {x.dtype}; "
+                         "convert 8-bit pixels p with p.to(torch.uint8) or p.float() / 127.5 - 1")
+
+
+def signed_images(x: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [-1, 1]: uint8 pixels p become p / 127.5 - 1 (the data modules' scaling),
+    floats are returned as they are; other dtypes raise a ValueError naming the conversion."""
+    _check_image_dtype(x)
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
 def to_pixels(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-    """Map data in [-1, 1] to pixel values p in [0, 255] (rounded to 8 bits when ``quantize``), float32.
+    """Map data in [-1, 1] to pixel values p in [0, 255] (rounded to 8 bits when ``quantize``), float32;
+    uint8 pixels are taken as they are.
 
     Inverse of the data modules' scaling x = p / 127.5 - 1; quantizing matches the standard pipeline,
     which scores 8-bit images (generated samples are saved as uint8).
     """
+    _check_image_dtype(x)
+    if x.dtype == torch.uint8:  # was read as data in [-1, 1]: every pixel > 0 became 255
+        return x.float()
     p = ((x.float() + 1.0) * 127.5).clamp(0.0, 255.0)
     return p.round() if quantize else p
 
@@ -210,7 +228,7 @@ class IdentityFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"expected inputs of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1).float()
+        return signed_images(x).reshape(x.shape[0], -1).float()
 
 
 class RandomProjectionFeatures(nn.Module):
@@ -249,7 +267,7 @@ class RandomProjectionFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"expected inputs of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        x = x.float()
+        x = signed_images(x).float()
         if len(self.in_shape) == 1:
             return torch.tanh(x @ self.w.t())
         h1 = F.relu(F.conv2d(x, self.w1, stride=2, padding=1))

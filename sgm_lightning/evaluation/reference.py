@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sgm_lightning.evaluation.features import extractor_name
+from sgm_lightning.evaluation.features import extractor_name, signed_images
 from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
@@ -166,7 +166,7 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
                                 device: torch.device | str | None = None, keep_features: bool = False,
                                 data_range: str = "[-1,1]"):
     """Accumulate (mu, Sigma, n) of ``extractor`` features over the first ``num_samples`` images of
-    ``batches`` (all when None, values in ``data_range``, mapped to the extractors' [-1, 1]) with
+    ``batches`` (all when None, values in ``data_range`` or uint8 pixels, mapped to the extractors' [-1, 1]) with
     ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None)."""
     metric = make_fid_metric(extractor)
     if device is not None:
@@ -179,7 +179,8 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
             x = x[: num_samples - seen]
         if x.shape[0] == 0:
             break
-        x = to_signed(x.to(dev), data_range)
+        # uint8 pixels are not values in data_range (to_signed clipped them all to 1)
+        x = signed_images(x.to(dev)) if x.dtype == torch.uint8 else to_signed(signed_images(x.to(dev)), data_range)
         metric.update(x, real=True)
         if keep_features:
             kept.append(extractor(x).float().cpu())
