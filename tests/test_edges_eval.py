@@ -237,3 +237,33 @@ def test_uint8_reference_images_give_the_statistics_of_their_float_version():
     mu_f, sigma_f, n_f, _ = compute_features_statistics(ext, [p.float() / 255], data_range="[0,1]")
     assert n == n_f == 40 and torch.allclose(mu, mu_f, atol=1e-6) and torch.allclose(sigma, sigma_f, atol=1e-6)
     assert torch.allclose(ext(p), ext(p.float() / 127.5 - 1))
+
+
+def test_figures_are_written_once_at_the_step_they_were_computed(tmp_path):
+    # at validation end pl_module.log wrote at global_step - 1: the step-4 figure landed on the row of
+    # the step-3 evaluation; a step evaluated by both schedules was written twice
+    import lightning as L
+    from lightning.pytorch.loggers.logger import Logger
+
+    class Recorder(Logger):
+        name, version = "rec", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_metrics(self, metrics, step=None):
+            if "val/fd_identity" in metrics:
+                self.rows.append((step, metrics["val/fd_identity"]))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    rec, cb = Recorder(), _fid(tmp_path, every_n_steps=3, at_validation=True)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, callbacks=[cb], logger=rec,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1, log_every_n_steps=50,
+                        default_root_dir=tmp_path)
+    trainer.fit(_ValModule(), datamodule=_ValData())
+    assert [s for s, _ in cb.history] == [2, 3, 4, 6]
+    assert rec.rows == [(s, pytest.approx(v)) for s, v in cb.history]

@@ -12,23 +12,24 @@ log = logging.getLogger(__name__)
 
 
 def log_evaluation(trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, values: Mapping[str, float],
-                   *, on_step: bool, prog_bar: str | None = None) -> None:
+                   *, on_step: bool, prog_bar: str | None = None, to_loggers: bool = True) -> None:
     """Log ``{prefix}/{name}: value`` once, at the current global step, and expose it to ``monitor=``.
 
     The values are already reduced over ranks (every rank holds the same number, so ``sync_dist=False``).
-    At the end of a validation epoch ``pl_module.log`` does both. From a training hook (``on_step``),
-    ``pl_module.log`` would hand the value to the loggers only on ``log_every_n_steps`` boundaries, so
-    the figures go to the loggers directly (``Logger.log_metrics`` at ``trainer.global_step``) and
-    ``pl_module.log(..., logger=False)`` puts them in ``trainer.callback_metrics`` (what
-    ``ModelCheckpoint(monitor=...)`` / ``EarlyStopping`` read) and the progress bar.
+    The figures go to the loggers directly (``Logger.log_metrics`` at ``trainer.global_step``, the
+    number of optimizer steps the weights have seen) and ``pl_module.log(..., logger=False)`` puts them
+    in ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=...)`` / ``EarlyStopping`` read) and
+    the progress bar. ``pl_module.log`` cannot write them: from a training hook it hands values to the
+    loggers only on ``log_every_n_steps`` boundaries, and at the end of a validation epoch Lightning
+    writes at ``global_step - 1`` (its counter is increased after the validation), so the figures of
+    step N landed on the row of step N - 1, next to those of an evaluation at step N - 1.
     """
     metrics = {f"{prefix}/{name}": float(v) for name, v in values.items()}
     for key, value in metrics.items():
-        pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=not on_step, sync_dist=False,
+        pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False, sync_dist=False,
                       rank_zero_only=False, prog_bar=key == f"{prefix}/{prog_bar}")
-    if on_step:
-        for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
-            logger.log_metrics(metrics, step=trainer.global_step)
+    for logger in trainer.loggers if to_loggers else ():  # Lightning's loggers write on rank 0 only
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class PeriodicEvaluation(Callback):
@@ -85,6 +86,6 @@ class PeriodicEvaluation(Callback):
             return
         if self._last_eval is not None and self._last_eval[0] == trainer.global_step:
             log_evaluation(trainer, pl_module, self.prefix, self._last_eval[1], on_step=False,
-                           prog_bar=self.prog_bar_key)
+                           prog_bar=self.prog_bar_key, to_loggers=False)  # already written at this step
             return
         self._run_and_log(trainer, pl_module, on_step=False)
