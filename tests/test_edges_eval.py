@@ -267,3 +267,23 @@ def test_figures_are_written_once_at_the_step_they_were_computed(tmp_path):
     trainer.fit(_ValModule(), datamodule=_ValData())
     assert [s for s, _ in cb.history] == [2, 3, 4, 6]
     assert rec.rows == [(s, pytest.approx(v)) for s, v in cb.history]
+
+
+# ---------------------------------------------------------------------------- KID
+def test_kid_does_not_depend_on_the_order_of_the_features():
+    # torchmetrics' subsets are randperm indices into the features as concatenated (rank by rank under
+    # DDP, round-robin shares): the same sets under the same seed gave another KID on 2 processes
+    from sgm_lightning.evaluation.fid import compute_seeded, load_reference_features, make_kid_metric
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(64, 3, generator=g), 0.2 + torch.randn(48, 3, generator=g)
+
+    def kid(real_rows, fake_chunks):
+        m = make_kid_metric(IdentityFeatures((3,)), subset_size=16, subsets=5)
+        load_reference_features(m, real_rows)
+        for chunk in fake_chunks:
+            m.update(chunk, real=False)
+        return compute_seeded(m, 0)
+
+    ordered = kid(real, fake.split(16))
+    interleaved = kid(torch.cat([real[0::2], real[1::2]]), [fake[32:], fake[:16], fake[16:32]])
+    assert torch.equal(ordered[0], interleaved[0]) and torch.equal(ordered[1], interleaved[1])

@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities.data import dim_zero_cat
 
 from sgm_lightning.evaluation.features import extractor_name, is_inception
 
@@ -80,12 +81,40 @@ def make_fid_metric(extractor: nn.Module, **kwargs: Any) -> FrechetInceptionDist
     return _FiniteFrechetDistance(feature=extractor, **kwargs)
 
 
+def _canonical_order(features: torch.Tensor) -> torch.Tensor:
+    """The rows of ``features`` in an order that does not depend on the order they came in (sorted by
+    a fixed random projection; only equal rows can tie, and their order does not matter)."""
+    if features.shape[0] < 2:
+        return features
+    w = torch.randn(features.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return features[torch.argsort(features.double() @ w.to(features.device), stable=True)]
+
+
+class _OrderFreeKID(KernelInceptionDistance):
+    """``KernelInceptionDistance`` whose random subsets do not depend on the order of the features.
+
+    torchmetrics draws the subsets as ``randperm`` indices into the concatenated features, whose order
+    is that of the ranks (each holds a round-robin share of the chunks / reference images): under the
+    same seed the KID of the same sample set differed between one process and several.
+    """
+
+    def compute(self):
+        real, fake = self.real_features, self.fake_features
+        try:
+            self.real_features = [_canonical_order(dim_zero_cat(real))] if real else real
+            self.fake_features = [_canonical_order(dim_zero_cat(fake))] if fake else fake
+            return super().compute()
+        finally:
+            self.real_features, self.fake_features = real, fake
+
+
 def make_kid_metric(extractor: nn.Module, subset_size: int = 1000, subsets: int = 100, **kwargs: Any
                     ) -> KernelInceptionDistance:
-    """``KernelInceptionDistance(feature=extractor)`` (Bińkowski et al. 2018, cubic polynomial kernel MMD^2)."""
+    """``KernelInceptionDistance(feature=extractor)`` (Bińkowski et al. 2018, cubic polynomial kernel MMD^2);
+    the value depends on the sets of features (and the seed of ``compute_seeded``), not on their order."""
     _num_features(extractor)
     kwargs.setdefault("reset_real_features", False)
-    return KernelInceptionDistance(feature=extractor, subset_size=subset_size, subsets=subsets, **kwargs)
+    return _OrderFreeKID(feature=extractor, subset_size=subset_size, subsets=subsets, **kwargs)
 
 
 def make_is_metric(classifier: nn.Module, splits: int = 10, **kwargs: Any) -> InceptionScore:
