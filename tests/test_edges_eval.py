@@ -287,3 +287,12 @@ def test_kid_does_not_depend_on_the_order_of_the_features():
     ordered = kid(real, fake.split(16))
     interleaved = kid(torch.cat([real[0::2], real[1::2]]), [fake[32:], fake[:16], fake[16:32]])
     assert torch.equal(ordered[0], interleaved[0]) and torch.equal(ordered[1], interleaved[1])
+
+
+# ---------------------------------------------------------------------------- LikelihoodCallback
+def test_likelihood_callback_on_a_missing_split_names_the_setting_to_change():
+    from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
+    from sgm_lightning.training.data.embedded import DigitsDataModule
+    cb = LikelihoodCallback(every_n_steps=2, split="test")  # the digits have no test split
+    with pytest.raises(ValueError, match=r"split='test'.*no test split.*callbacks.likelihood.split=val"):
+        cb.setup(SimpleNamespace(datamodule=DigitsDataModule()), None, "fit")

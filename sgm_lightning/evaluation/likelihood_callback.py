@@ -13,6 +13,7 @@ import itertools
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchmetrics import MeanMetric
 
 from sgm_lightning.evaluation.periodic import PeriodicEvaluation
@@ -97,6 +98,9 @@ class LikelihoodCallback(PeriodicEvaluation):
             n = len(getattr(dm, f"{self.split}_dataloader")())
         except TypeError:  # an iterable loader of unknown length
             return
+        except (MisconfigurationException, NotImplementedError) as err:  # Lightning's stub of a missing split
+            raise ValueError(f"LikelihoodCallback(split={self.split!r}): {type(dm).__name__} has no {self.split} "
+                             f"split ({err}); evaluate another split (callbacks.likelihood.split=val or train)") from err
         if n == 0:
             raise ValueError(f"LikelihoodCallback(split={self.split!r}) has no data: the datamodule's {self.split} "
                              "split is empty. Give the data a validation split (e.g. data.val_fraction=0.05) or "
