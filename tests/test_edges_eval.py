@@ -296,3 +296,12 @@ def test_likelihood_callback_on_a_missing_split_names_the_setting_to_change():
     cb = LikelihoodCallback(every_n_steps=2, split="test")  # the digits have no test split
     with pytest.raises(ValueError, match=r"split='test'.*no test split.*callbacks.likelihood.split=val"):
         cb.setup(SimpleNamespace(datamodule=DigitsDataModule()), None, "fit")
+
+
+@pytest.mark.parametrize("split, val_fraction", [("val", 0.0), ("test", 0.05)])
+def test_reference_split_without_data_names_the_setting_to_change(tmp_path, split, val_fraction):
+    from sgm_lightning.evaluation.reference import reference_statistics
+    from sgm_lightning.training.data.embedded import DigitsDataModule
+    dm = DigitsDataModule(val_fraction=val_fraction)
+    with pytest.raises(ValueError, match=rf"'{split}' split of DigitsDataModule.*metrics.reference_split=train"):
+        reference_statistics(RandomProjectionFeatures((1, 8, 8), dim=4), dm, dm.dataset_id, split, 100, tmp_path)

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -144,6 +145,10 @@ def _resolution(data: Any, resolution):
     return tuple(int(s) for s in shape)
 
 
+class _TooFewImages(ValueError):
+    """Fewer than 2 images to estimate a covariance from."""
+
+
 def _sanitize(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "data"
 
@@ -188,7 +193,7 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
         if num_samples is not None and seen >= num_samples:
             break
     if seen < 2:
-        raise ValueError(f"need at least 2 reference images, the data gave {seen}")
+        raise _TooFewImages(f"need at least 2 reference images, the data gave {seen}")
     if num_samples is not None and seen < num_samples:
         log.warning("reference statistics: asked for %d samples, the data has only %d", num_samples, seen)
     mu, sigma, n = real_statistics(metric)
@@ -233,9 +238,16 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
         log.info("reference statistics: cache hit %s", path)
         return ReferenceStats(*cached[:3], key, path, True, cached[3], meta)
     log.info("reference statistics: computing %s (%s)", path, meta)
-    mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split, batch_size, num_samples), num_samples,
-                                                      device=device, keep_features=keep_features,
-                                                      data_range=data_range or getattr(data, "data_range", "[-1,1]"))
+    fix = (f"the reference images come from the {split!r} split of {type(data).__name__}: use a split with data "
+           "(FIDCallback(reference_split=...), config metrics.reference_split=train)")
+    try:
+        mu, sigma, n, feats = compute_features_statistics(
+            extractor, _dataloader(data, split, batch_size, num_samples), num_samples, device=device,
+            keep_features=keep_features, data_range=data_range or getattr(data, "data_range", "[-1,1]"))
+    except (MisconfigurationException, NotImplementedError) as err:  # Lightning's stub of a missing split
+        raise ValueError(f"{err}; {fix}") from err
+    except _TooFewImages as err:
+        raise ValueError(f"{err}; {fix}") from err
     arrays = {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": np.int64(n), **{k: np.asarray(v) for k, v in meta.items()}}
     if feats is not None:
         arrays["features"] = feats.numpy()
