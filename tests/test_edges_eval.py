@@ -305,3 +305,10 @@ def test_reference_split_without_data_names_the_setting_to_change(tmp_path, spli
     dm = DigitsDataModule(val_fraction=val_fraction)
     with pytest.raises(ValueError, match=rf"'{split}' split of DigitsDataModule.*metrics.reference_split=train"):
         reference_statistics(RandomProjectionFeatures((1, 8, 8), dim=4), dm, dm.dataset_id, split, 100, tmp_path)
+
+
+@pytest.mark.parametrize("n_bits", [0, -3, 2.5])
+def test_likelihood_callback_refuses_a_bad_n_bits_at_construction(n_bits):
+    from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
+    with pytest.raises(ValueError, match="n_bits must be a positive integer"):
+        LikelihoodCallback(every_n_steps=2, n_bits=n_bits)

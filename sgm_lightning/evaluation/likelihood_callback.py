@@ -82,7 +82,8 @@ class LikelihoodCallback(PeriodicEvaluation):
         self.every_n_steps, self.at_validation = every_n_steps, bool(at_validation)
         self.num_batches, self.n_dequant = check_int("num_batches", num_batches), check_int("n_dequant", n_dequant)
         self.trace, self.split = trace, split
-        self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
+        self.use_ema, self.seed, self.prefix = bool(use_ema), int(seed), prefix
+        self.n_bits = check_int("n_bits", n_bits)  # was int(): 2.5 became 2, 0 failed at the first evaluation
         self.prog_bar_key = "bpd"
         self.solver_options = dict(solver_options or {})
         check_likelihood_options(trace=trace, **self.solver_options)  # fail here, not at the first evaluation
