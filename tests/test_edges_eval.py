@@ -312,3 +312,10 @@ def test_likelihood_callback_refuses_a_bad_n_bits_at_construction(n_bits):
     from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
     with pytest.raises(ValueError, match="n_bits must be a positive integer"):
         LikelihoodCallback(every_n_steps=2, n_bits=n_bits)
+
+
+@pytest.mark.parametrize("kw, match", [({"method": "dddim"}, "method"), ({"method": "ddim", "steps": 0}, "steps")])
+def test_fid_callback_refuses_a_bad_sampler_at_construction(kw, match):
+    # both failed at the first evaluation, after training to step every_n_steps
+    with pytest.raises(ValueError, match=match):
+        FIDCallback(extractor=IdentityFeatures(SHAPE), every_n_steps=2, num_samples=16, batch_size=16, **kw)

@@ -30,7 +30,8 @@ from sgm_lightning.evaluation.fid import (
 )
 from sgm_lightning.evaluation.reference import reference_statistics
 from sgm_lightning.training.data.ranges import to_signed
-from sgm_lightning.utils import check_int
+from sgm_lightning.sampling import METHODS
+from sgm_lightning.utils import check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ class FIDCallback(PeriodicEvaluation):
         if kid and kid_subset_size > num_samples:
             raise ValueError(f"kid_subset_size={kid_subset_size} must be <= num_samples={num_samples}")
         self.extractor = extractor
-        self.method, self.steps = method, steps
+        check_choice("method", method, METHODS)  # fail at start-up, not at the first evaluation (step N)
+        self.method = method
+        self.steps = None if steps is None else check_int("steps (None: the method's default)", steps)
         self.sampler_options = dict(sampler_options or {})
         self.use_ema, self.seed, self.kid = bool(use_ema), int(seed), bool(kid)
         self.kid_subset_size = check_int("kid_subset_size", kid_subset_size)
