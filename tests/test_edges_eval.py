@@ -319,3 +319,33 @@ def test_fid_callback_refuses_a_bad_sampler_at_construction(kw, match):
     # both failed at the first evaluation, after training to step every_n_steps
     with pytest.raises(ValueError, match=match):
         FIDCallback(extractor=IdentityFeatures(SHAPE), every_n_steps=2, num_samples=16, batch_size=16, **kw)
+
+
+class _RandomFlipData(torch.utils.data.Dataset):
+    """Images flipped at random with the global RNG in ``__getitem__`` (like the Hub datamodules'
+    ``random_flip`` training sets, which ``reference_dataloader`` reads)."""
+
+    def __init__(self):
+        self.x = torch.rand(24, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+
+
+def test_reference_statistics_are_reproducible_and_leave_the_global_rng_alone(tmp_path):
+    # were other numbers under every global seed, and moved training's random stream only on a cache miss
+    from torch.utils.data import DataLoader
+
+    from sgm_lightning.evaluation.reference import reference_statistics
+    ext = RandomProjectionFeatures((1, 4, 4), dim=4)
+    loader = DataLoader(_RandomFlipData(), batch_size=8)
+    stats = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        stats.append(reference_statistics(ext, loader, "flips", "train", None, tmp_path / str(seed), resolution=(1, 4, 4)))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(stats[0].mu, stats[1].mu) and torch.equal(stats[0].sigma, stats[1].sigma)

@@ -21,6 +21,7 @@ by torchmetrics' own sync); this module only adapts it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -183,10 +184,18 @@ def fake_statistics(metric: FrechetInceptionDistance) -> tuple[torch.Tensor, tor
                                   metric.fake_features_num_samples)
 
 
-def compute_seeded(metric, seed: int = 0):
-    """``metric.compute()`` under a fixed global RNG seed (KID / IS draw random subsets and splits),
-    restoring the RNG state afterwards, so every rank and every run gets the same value."""
+@contextlib.contextmanager
+def seeded_global_rng(seed: int = 0):
+    """Run the block with the global RNGs (CPU, current CUDA device) seeded with ``seed`` and restore
+    their states afterwards: the block is reproducible and leaves training's random stream untouched."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
+        yield
+
+
+def compute_seeded(metric, seed: int = 0):
+    """``metric.compute()`` under a fixed global RNG seed (KID / IS draw random subsets and splits),
+    restoring the RNG state afterwards, so every rank and every run gets the same value."""
+    with seeded_global_rng(seed):
         return metric.compute()

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sgm_lightning.evaluation.features import extractor_name, signed_images
-from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
+from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics, seeded_global_rng
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
 
@@ -240,10 +240,13 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
     log.info("reference statistics: computing %s (%s)", path, meta)
     fix = (f"the reference images come from the {split!r} split of {type(data).__name__}: use a split with data "
            "(FIDCallback(reference_split=...), config metrics.reference_split=train)")
-    try:
-        mu, sigma, n, feats = compute_features_statistics(
-            extractor, _dataloader(data, split, batch_size, num_samples), num_samples, device=device,
-            keep_features=keep_features, data_range=data_range or getattr(data, "data_range", "[-1,1]"))
+    try:  # under a fixed seed: a dataset drawing augmentations from the global RNG (the Hub datamodules'
+        # random flips) gave other statistics on every computation and moved training's random stream
+        # only when the cache missed
+        with seeded_global_rng(0):
+            mu, sigma, n, feats = compute_features_statistics(
+                extractor, _dataloader(data, split, batch_size, num_samples), num_samples, device=device,
+                keep_features=keep_features, data_range=data_range or getattr(data, "data_range", "[-1,1]"))
     except (MisconfigurationException, NotImplementedError) as err:  # Lightning's stub of a missing split
         raise ValueError(f"{err}; {fix}") from err
     except _TooFewImages as err:
