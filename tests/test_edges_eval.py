@@ -203,6 +203,7 @@ def stub_inception(monkeypatch, tmp_path):
     weights = tmp_path / "default_1.pt"
     weights.write_bytes(b"stub")
     net = _Recorder()
+    net.weights = weights
     monkeypatch.setattr(feat_mod, "find_inception_weights", lambda path=None: weights)
     monkeypatch.setattr(feat_mod.torch.jit, "load", lambda *a, **k: net)
     return net
@@ -226,7 +227,10 @@ def test_inception_preprocessing_by_hand_grey_odd_size_and_uint8(stub_inception)
     assert torch.equal(stub_inception.inputs[-1], seen)
     with pytest.raises(ValueError, match=r"uint8.*p.float\(\) / 127.5 - 1"):
         ext(pixels.long()[:, None])
-    assert InceptionV3Features(verify=False, quantize=False).name != ext.name  # other features, other cache key
+    # other features, other cache key: unquantized pixels, or weights that are not the recorded file
+    assert InceptionV3Features(verify=False, quantize=False).name == ext.name + "_noquant"
+    from sgm_lightning.evaluation.features import sha256_file
+    assert ext.name == "inception_v3_tf_pool3_sha" + sha256_file(stub_inception.weights)[:12]
 
 
 def test_uint8_reference_images_give_the_statistics_of_their_float_version():

