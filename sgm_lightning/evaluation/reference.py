@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sgm_lightning.evaluation.features import extractor_name, signed_images
-from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics, seeded_global_rng
+from sgm_lightning.evaluation.fid import _num_features, make_fid_metric, real_statistics, seeded_global_rng
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
 
@@ -166,16 +166,28 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
         raise
 
 
+class _Given(nn.Module):
+    """The "extractor" of features computed beforehand: returns them as they are."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 @torch.no_grad()
 def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_samples: int | None = None,
                                 device: torch.device | str | None = None, keep_features: bool = False,
                                 data_range: str = "[-1,1]"):
     """Accumulate (mu, Sigma, n) of ``extractor`` features over the first ``num_samples`` images of
     ``batches`` (all when None, values in ``data_range`` or uint8 pixels, mapped to the extractors' [-1, 1]) with
-    ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None)."""
-    metric = make_fid_metric(extractor)
+    ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None).
+    With ``keep_features`` the extractor runs once per batch (it ran twice: for the metric and the copy)."""
+    metric = make_fid_metric(_Given(_num_features(extractor)) if keep_features else extractor)
     if device is not None:
-        metric = metric.to(device)
+        metric, extractor = metric.to(device), extractor.to(device)
     dev = metric.real_features_sum.device
     kept, seen = [], 0
     for batch in batches:
@@ -186,9 +198,12 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
             break
         # uint8 pixels are not values in data_range (to_signed clipped them all to 1)
         x = signed_images(x.to(dev)) if x.dtype == torch.uint8 else to_signed(signed_images(x.to(dev)), data_range)
-        metric.update(x, real=True)
         if keep_features:
-            kept.append(extractor(x).float().cpu())
+            f = extractor(x)
+            metric.update(f, real=True)
+            kept.append(f.float().cpu())
+        else:
+            metric.update(x, real=True)
         seen += x.shape[0]
         if num_samples is not None and seen >= num_samples:
             break
