@@ -350,7 +350,8 @@ def test_reference_statistics_are_reproducible_and_leave_the_global_rng_alone(tm
     for seed in (0, 1):
         torch.manual_seed(seed)
         state = torch.get_rng_state()
-        stats.append(reference_statistics(ext, loader, "flips", "train", None, tmp_path / str(seed), resolution=(1, 4, 4)))
+        stats.append(reference_statistics(ext, loader, "flips", "train", None, tmp_path / str(seed),
+                                          resolution=(1, 4, 4)))
         assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(stats[0].mu, stats[1].mu) and torch.equal(stats[0].sigma, stats[1].sigma)
 
@@ -370,4 +371,5 @@ def test_reference_features_for_kid_run_the_extractor_once_per_batch():
     mu, sigma, n, feats = compute_features_statistics(ext, x.split(16), keep_features=True)
     assert Counting.calls == 3  # was 6: once for the metric, once for the kept copy
     mu0, sigma0, n0, _ = compute_features_statistics(ext, x.split(16))
-    assert n == n0 == 40 and torch.equal(mu, mu0) and torch.equal(sigma, sigma0) and torch.allclose(feats, ext(x), atol=1e-6)
+    assert n == n0 == 40 and torch.equal(mu, mu0) and torch.equal(sigma, sigma0)
+    assert torch.allclose(feats, ext(x), atol=1e-6)
