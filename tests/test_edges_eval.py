@@ -373,3 +373,33 @@ def test_reference_features_for_kid_run_the_extractor_once_per_batch():
     mu0, sigma0, n0, _ = compute_features_statistics(ext, x.split(16))
     assert n == n0 == 40 and torch.equal(mu, mu0) and torch.equal(sigma, sigma0)
     assert torch.allclose(feats, ext(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- IS, bits/dim arguments
+def test_inception_score_closed_forms_and_too_many_splits():
+    import warnings
+
+    from sgm_lightning.evaluation.fid import compute_seeded, make_is_metric
+    k = 5
+
+    def score(logits, splits):
+        m = make_is_metric(IdentityFeatures((k,)), splits=splits)
+        m.update(logits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the std of a single split
+            return float(compute_seeded(m, 0)[0])
+
+    assert score(torch.zeros(40, k), 4) == pytest.approx(1.0, abs=1e-6)  # p(y|x) = p(y): the lower bound
+    assert score(60.0 * torch.eye(k).repeat(8, 1), 1) == pytest.approx(k, rel=1e-5)  # confident, balanced: K
+    rand = score(3 * torch.randn(40, k, generator=torch.Generator().manual_seed(0)), 2)
+    assert 1.0 < rand < k
+    # 10 splits of 5 samples held one sample each: IS = 1 exactly, silently
+    with pytest.raises(ValueError, match=r"at least 2 x splits = 20 samples, got 5"):
+        score(3 * torch.randn(5, k), 10)
+
+
+def test_batch_bits_per_dim_refuses_zero_dequantization_draws():
+    from sgm_lightning.evaluation.likelihood_callback import batch_bits_per_dim
+    from tests.test_fid_callback import ExactScoreModule
+    with pytest.raises(ValueError, match="n_dequant must be a positive integer"):  # was NaN bits/dim
+        batch_bits_per_dim(ExactScoreModule(), torch.zeros(2, 2), n_dequant=0)

@@ -33,6 +33,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
 from sgm_lightning.evaluation.features import extractor_name, is_inception
+from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,26 @@ def make_kid_metric(extractor: nn.Module, subset_size: int = 1000, subsets: int 
     return _OrderFreeKID(feature=extractor, subset_size=subset_size, subsets=subsets, **kwargs)
 
 
+class _CheckedInceptionScore(InceptionScore):
+    """``InceptionScore`` refusing splits of fewer than 2 samples: a split of one sample has
+    p(y|x) = p(y) and scores exactly 1, so too many splits gave IS = 1 (the lower bound) silently."""
+
+    def compute(self):
+        n = sum(int(f.shape[0]) for f in self.features) if isinstance(self.features, list) else len(self.features)
+        if n < 2 * self.splits:
+            raise ValueError(f"the Inception Score needs at least 2 x splits = {2 * self.splits} samples, got {n}; "
+                             f"use fewer splits (make_is_metric(..., splits=...)) or more samples")
+        return super().compute()
+
+
 def make_is_metric(classifier: nn.Module, splits: int = 10, **kwargs: Any) -> InceptionScore:
     """``InceptionScore(feature=classifier)`` (Salimans et al. 2016): ``classifier`` must return class
-    *logits* (B, K). The FID network (pool3, no logits layer) cannot give an IS."""
+    *logits* (B, K); the mean and std over ``splits`` (each of >= 2 samples) of exp E_x KL(p(y|x) || p(y)).
+    The FID network (pool3, no logits layer) cannot give an IS."""
     if getattr(classifier, "num_features", None) == 2048 and is_inception(classifier):
         raise ValueError("the FID Inception network stops at pool3 (2048-d) and has no logits; "
                          "pass a classifier returning class logits to compute an Inception Score")
-    return InceptionScore(feature=classifier, splits=splits, **kwargs)
+    return _CheckedInceptionScore(feature=classifier, splits=check_int("splits", splits), **kwargs)
 
 
 def load_reference_statistics(metric: FrechetInceptionDistance, mu: torch.Tensor, sigma: torch.Tensor,

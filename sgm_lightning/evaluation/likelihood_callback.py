@@ -33,6 +33,7 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
     ``module`` provides ``score_fn()``, ``sde``, ``ema_scope(use_ema)`` and ``hparams.data_range``
     (``ScoreLitModule``).
     """
+    n_dequant = check_int("n_dequant", n_dequant)  # 0 gave NaN bits/dim, 1.7 one draw
     lo, hi = range_bounds(module.hparams.get("data_range", "[-1,1]"))
     was_training = module.training
     module.eval()
@@ -41,7 +42,7 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
         # Lightning's evaluation loops run under inference mode; the divergence needs autograd
         with torch.inference_mode(False), torch.enable_grad(), module.ema_scope(use_ema):
             x = x.clone()
-            for _ in range(int(n_dequant)):
+            for _ in range(n_dequant):
                 xd = dequantize(x, generator, n_bits=n_bits, data_min=lo, data_max=hi).to(x.device)
                 res = log_likelihood(module.score_fn(), module.sde, xd, trace=trace, generator=generator,
                                      **solver_options)
