@@ -92,6 +92,10 @@ def _canonical_order(features: torch.Tensor) -> torch.Tensor:
     return features[torch.argsort(features.double() @ w.to(features.device), stable=True)]
 
 
+def _nonempty(state) -> bool:
+    return isinstance(state, torch.Tensor) or len(state) > 0
+
+
 class _OrderFreeKID(KernelInceptionDistance):
     """``KernelInceptionDistance`` whose random subsets do not depend on the order of the features.
 
@@ -103,8 +107,9 @@ class _OrderFreeKID(KernelInceptionDistance):
     def compute(self):
         real, fake = self.real_features, self.fake_features
         try:
-            self.real_features = [_canonical_order(dim_zero_cat(real))] if real else real
-            self.fake_features = [_canonical_order(dim_zero_cat(fake))] if fake else fake
+            # lists of tensors, or one tensor once synced over ranks
+            self.real_features = [_canonical_order(dim_zero_cat(real))] if _nonempty(real) else real
+            self.fake_features = [_canonical_order(dim_zero_cat(fake))] if _nonempty(fake) else fake
             return super().compute()
         finally:
             self.real_features, self.fake_features = real, fake
