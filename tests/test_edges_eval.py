@@ -403,3 +403,26 @@ def test_batch_bits_per_dim_refuses_zero_dequantization_draws():
     from tests.test_fid_callback import ExactScoreModule
     with pytest.raises(ValueError, match="n_dequant must be a positive integer"):  # was NaN bits/dim
         batch_bits_per_dim(ExactScoreModule(), torch.zeros(2, 2), n_dequant=0)
+
+
+# ---------------------------------------------------------------------------- several callbacks, checkpoints
+def test_two_fid_callbacks_in_one_trainer_and_legacy_checkpoints(tmp_path):
+    # Lightning refused a second FIDCallback (same state_key: the class name)
+    import lightning as L
+    cbs = [_fid(tmp_path), FIDCallback(extractor=RandomProjectionFeatures(SHAPE, dim=4), every_n_steps=2,
+                                       num_samples=16, batch_size=16, reference_num_samples=64,
+                                       cache_dir=str(tmp_path / "stats"))]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=cbs, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(StubModule(), datamodule=ToyData())
+    assert [s for s, _ in cbs[0].history] == [s for s, _ in cbs[1].history] == [2]
+    assert cbs[0].history[0][1] != cbs[1].history[0][1]
+    # a checkpoint written when the state was keyed by the class name still restores best / history
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    ckpt["callbacks"] = {"FIDCallback": ckpt["callbacks"][cbs[0].state_key]}
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    resumed = _fid(tmp_path)
+    _fit(tmp_path, resumed, 2, ckpt_path=str(tmp_path / "legacy.ckpt"))
+    assert resumed.best == cbs[0].best and resumed.history == cbs[0].history

@@ -126,6 +126,12 @@ class FIDCallback(PeriodicEvaluation):
                 "reference_split": self.reference_split, "reference_num_samples": self.reference_num_samples,
                 "reference_key": self.reference_key}
 
+    @property
+    def state_key(self) -> str:
+        """One per logged metric, so several FIDCallbacks (e.g. Inception and random features) can run in one
+        Trainer (Lightning refused two of one class); checkpoints keyed by the class name still load."""
+        return self._generate_state_key(key=self.key, prefix=self.prefix)
+
     def state_dict(self) -> dict:
         return {"best": self.best, "history": list(self.history)}
 

@@ -108,6 +108,11 @@ class LikelihoodCallback(PeriodicEvaluation):
                              "split is empty. Give the data a validation split (e.g. data.val_fraction=0.05) or "
                              "evaluate another split (callbacks.likelihood.split=train)")
 
+    @property
+    def state_key(self) -> str:
+        """One per split and prefix (several LikelihoodCallbacks in one Trainer; the class name still loads)."""
+        return self._generate_state_key(split=self.split, prefix=self.prefix)
+
     def state_dict(self) -> dict:
         return {"history": list(self.history)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Mapping
 
@@ -63,6 +64,14 @@ class PeriodicEvaluation(Callback):
         log_evaluation(trainer, pl_module, self.prefix, out, on_step=on_step, prog_bar=self.prog_bar_key)
         if trainer.is_global_zero:
             log.info("%s at step %d: %s", type(self).__name__, trainer.global_step, out)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Restore the state of a checkpoint written when it was keyed by the class name (before the
+        subclasses' ``state_key`` named their metric; Lightning only falls back to pre-1.5 keys)."""
+        states = checkpoint.get("callbacks") or {}
+        legacy = type(self).__qualname__
+        if self.state_key not in states and legacy in states:
+            self.load_state_dict(copy.deepcopy(states[legacy]))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_eval = None  # figures of another fit (other weights) are never reused
