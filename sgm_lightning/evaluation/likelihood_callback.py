@@ -13,6 +13,7 @@ import itertools
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchmetrics import MeanMetric
 
 from sgm_lightning.evaluation.periodic import PeriodicEvaluation
@@ -32,6 +33,7 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
     ``module`` provides ``score_fn()``, ``sde``, ``ema_scope(use_ema)`` and ``hparams.data_range``
     (``ScoreLitModule``).
     """
+    n_dequant = check_int("n_dequant", n_dequant)  # 0 gave NaN bits/dim, 1.7 one draw
     lo, hi = range_bounds(module.hparams.get("data_range", "[-1,1]"))
     was_training = module.training
     module.eval()
@@ -40,7 +42,7 @@ def batch_bits_per_dim(module, x: torch.Tensor, generator: torch.Generator | Non
         # Lightning's evaluation loops run under inference mode; the divergence needs autograd
         with torch.inference_mode(False), torch.enable_grad(), module.ema_scope(use_ema):
             x = x.clone()
-            for _ in range(int(n_dequant)):
+            for _ in range(n_dequant):
                 xd = dequantize(x, generator, n_bits=n_bits, data_min=lo, data_max=hi).to(x.device)
                 res = log_likelihood(module.score_fn(), module.sde, xd, trace=trace, generator=generator,
                                      **solver_options)
@@ -81,7 +83,8 @@ class LikelihoodCallback(PeriodicEvaluation):
         self.every_n_steps, self.at_validation = every_n_steps, bool(at_validation)
         self.num_batches, self.n_dequant = check_int("num_batches", num_batches), check_int("n_dequant", n_dequant)
         self.trace, self.split = trace, split
-        self.use_ema, self.seed, self.n_bits, self.prefix = bool(use_ema), int(seed), int(n_bits), prefix
+        self.use_ema, self.seed, self.prefix = bool(use_ema), int(seed), prefix
+        self.n_bits = check_int("n_bits", n_bits)  # was int(): 2.5 became 2, 0 failed at the first evaluation
         self.prog_bar_key = "bpd"
         self.solver_options = dict(solver_options or {})
         check_likelihood_options(trace=trace, **self.solver_options)  # fail here, not at the first evaluation
@@ -97,10 +100,18 @@ class LikelihoodCallback(PeriodicEvaluation):
             n = len(getattr(dm, f"{self.split}_dataloader")())
         except TypeError:  # an iterable loader of unknown length
             return
+        except (MisconfigurationException, NotImplementedError) as err:  # Lightning's stub of a missing split
+            raise ValueError(f"LikelihoodCallback(split={self.split!r}): {type(dm).__name__} has no {self.split} "
+                             f"split ({err}); evaluate another split (callbacks.likelihood.split=val or train)") from err
         if n == 0:
             raise ValueError(f"LikelihoodCallback(split={self.split!r}) has no data: the datamodule's {self.split} "
                              "split is empty. Give the data a validation split (e.g. data.val_fraction=0.05) or "
                              "evaluate another split (callbacks.likelihood.split=train)")
+
+    @property
+    def state_key(self) -> str:
+        """One per split and prefix (several LikelihoodCallbacks in one Trainer; the class name still loads)."""
+        return self._generate_state_key(split=self.split, prefix=self.prefix)
 
     def state_dict(self) -> dict:
         return {"history": list(self.history)}

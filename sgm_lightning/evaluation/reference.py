@@ -1,7 +1,9 @@
 """Real-data feature statistics (mu, Sigma, n), computed once and cached on disk.
 
 A cache entry is keyed by a sha256 of (dataset_id, resolution, split, extractor name, num_samples,
-format version), so statistics of one dataset / feature space can never be reused for another.
+format version) and, for a datamodule that holds out a validation split, of the split that defines
+the "train" / "val" examples (``val_fraction``, ``seed``), so statistics of one dataset / split /
+feature space can never be reused for another. An unreadable (corrupt, truncated) file is recomputed.
 Files are ``<cache_dir>/<dataset_id>_<split>_<key>.npz`` holding ``mu`` (F,), ``sigma`` (F, F)
 (unbiased, float64), ``n`` and the key fields; with ``keep_features=True`` also the raw ``features``
 (N, F) float32 (needed by KID). Writes are atomic (temporary file + ``os.replace``), so concurrent
@@ -25,11 +27,12 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sgm_lightning.evaluation.features import extractor_name
-from sgm_lightning.evaluation.fid import make_fid_metric, real_statistics
+from sgm_lightning.evaluation.features import extractor_name, signed_images
+from sgm_lightning.evaluation.fid import _num_features, make_fid_metric, real_statistics, seeded_global_rng
 from sgm_lightning.training.data.ranges import to_signed
 from sgm_lightning.utils import check_int
 
@@ -46,11 +49,15 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/sgm_lightning/fid_stats").expanduser()
 
 
-def reference_key(dataset_id: str, resolution, split: str, extractor: str, num_samples: int | None) -> str:
-    """Hash (16 hex digits) identifying a set of reference statistics."""
+def reference_key(dataset_id: str, resolution, split: str, extractor: str, num_samples: int | None,
+                  split_spec: dict | None = None) -> str:
+    """Hash (16 hex digits) identifying a set of reference statistics; ``split_spec`` (what selects the
+    split's examples, see ``split_spec``) enters it when given."""
     fields = {"dataset_id": str(dataset_id), "resolution": list(resolution) if isinstance(resolution, (tuple, list))
               else resolution, "split": str(split), "extractor": str(extractor),
               "num_samples": None if num_samples is None else int(num_samples), "version": CACHE_FORMAT_VERSION}
+    if split_spec:
+        fields["split_spec"] = dict(split_spec)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,6 +110,31 @@ def _dataloader(data: Any, split: str, batch_size: int, num_samples: int | None)
                      f"got {type(data).__name__}")
 
 
+def split_spec(data: Any, split: str) -> dict | None:
+    """What selects the examples of ``split`` beyond ``dataset_id``: a datamodule holding out
+    ``val_fraction`` of its training data (chosen with ``seed``) has other "train" / "val" examples for
+    another fraction or seed (its ``dataset_id`` does not say so). None when there is no such split."""
+    fraction = getattr(data, "val_fraction", None)
+    if split not in ("train", "val") or not isinstance(fraction, (int, float)) or float(fraction) == 0.0:
+        return None
+    return {"val_fraction": float(fraction), "seed": getattr(data, "seed", None)}
+
+
+def _load_cached(path: Path, key: str, keep_features: bool):
+    """(mu, sigma, n, features) of a valid cache file for ``key``; None when absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key or (keep_features and "features" not in z.files):
+                return None
+            feats = torch.from_numpy(z["features"]) if keep_features else None
+            return torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), feats
+    except Exception as err:  # truncated / corrupt / foreign file: never a wrong number, recompute it
+        log.warning("reference statistics: cannot read %s (%s: %s); recomputing it", path, type(err).__name__, err)
+        return None
+
+
 def _resolution(data: Any, resolution):
     if resolution is not None:
         return resolution
@@ -111,6 +143,10 @@ def _resolution(data: Any, resolution):
         raise ValueError("resolution is needed for the cache key: pass resolution=(C, H, W) or a datamodule "
                          "with a data_shape attribute")
     return tuple(int(s) for s in shape)
+
+
+class _TooFewImages(ValueError):
+    """Fewer than 2 images to estimate a covariance from."""
 
 
 def _sanitize(s: str) -> str:
@@ -130,16 +166,28 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
         raise
 
 
+class _Given(nn.Module):
+    """The "extractor" of features computed beforehand: returns them as they are."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 @torch.no_grad()
 def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_samples: int | None = None,
                                 device: torch.device | str | None = None, keep_features: bool = False,
                                 data_range: str = "[-1,1]"):
     """Accumulate (mu, Sigma, n) of ``extractor`` features over the first ``num_samples`` images of
-    ``batches`` (all when None, values in ``data_range``, mapped to the extractors' [-1, 1]) with
-    ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None)."""
-    metric = make_fid_metric(extractor)
+    ``batches`` (all when None, values in ``data_range`` or uint8 pixels, mapped to the extractors' [-1, 1]) with
+    ``FrechetInceptionDistance``'s float64 running sums. Returns (mu, sigma, n, features or None).
+    With ``keep_features`` the extractor runs once per batch (it ran twice: for the metric and the copy)."""
+    metric = make_fid_metric(_Given(_num_features(extractor)) if keep_features else extractor)
     if device is not None:
-        metric = metric.to(device)
+        metric, extractor = metric.to(device), extractor.to(device)
     dev = metric.real_features_sum.device
     kept, seen = [], 0
     for batch in batches:
@@ -148,15 +196,19 @@ def compute_features_statistics(extractor: nn.Module, batches: Iterable, num_sam
             x = x[: num_samples - seen]
         if x.shape[0] == 0:
             break
-        x = to_signed(x.to(dev), data_range)
-        metric.update(x, real=True)
+        # uint8 pixels are not values in data_range (to_signed clipped them all to 1)
+        x = signed_images(x.to(dev)) if x.dtype == torch.uint8 else to_signed(signed_images(x.to(dev)), data_range)
         if keep_features:
-            kept.append(extractor(x).float().cpu())
+            f = extractor(x)
+            metric.update(f, real=True)
+            kept.append(f.float().cpu())
+        else:
+            metric.update(x, real=True)
         seen += x.shape[0]
         if num_samples is not None and seen >= num_samples:
             break
     if seen < 2:
-        raise ValueError(f"need at least 2 reference images, the data gave {seen}")
+        raise _TooFewImages(f"need at least 2 reference images, the data gave {seen}")
     if num_samples is not None and seen < num_samples:
         log.warning("reference statistics: asked for %d samples, the data has only %d", num_samples, seen)
     mu, sigma, n = real_statistics(metric)
@@ -189,23 +241,31 @@ def reference_statistics(extractor: nn.Module, data: Any, dataset_id: str, split
         check_int("num_samples (None: whole split)", num_samples, min=2)
     resolution = _resolution(data, resolution)
     name = extractor_name(extractor)
-    key = reference_key(dataset_id, resolution, split, name, num_samples)
+    spec = split_spec(data, split)
+    key = reference_key(dataset_id, resolution, split, name, num_samples, spec)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / f"{_sanitize(dataset_id)}_{_sanitize(split)}_{key}.npz"
     meta = {"dataset_id": str(dataset_id), "resolution": str(tuple(resolution) if isinstance(resolution, (list, tuple))
             else resolution), "split": str(split), "extractor": name, "num_samples": -1 if num_samples is None
-            else int(num_samples), "key": key}
-    if path.is_file():
-        with np.load(path) as z:
-            if str(z["key"]) == key and (not keep_features or "features" in z.files):
-                feats = torch.from_numpy(z["features"]) if "features" in z.files and keep_features else None
-                log.info("reference statistics: cache hit %s", path)
-                return ReferenceStats(torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["n"]), key,
-                                      path, True, feats, meta)
+            else int(num_samples), "key": key, **({"split_spec": json.dumps(spec, sort_keys=True)} if spec else {})}
+    cached = _load_cached(path, key, keep_features)
+    if cached is not None:
+        log.info("reference statistics: cache hit %s", path)
+        return ReferenceStats(*cached[:3], key, path, True, cached[3], meta)
     log.info("reference statistics: computing %s (%s)", path, meta)
-    mu, sigma, n, feats = compute_features_statistics(extractor, _dataloader(data, split, batch_size, num_samples), num_samples,
-                                                      device=device, keep_features=keep_features,
-                                                      data_range=data_range or getattr(data, "data_range", "[-1,1]"))
+    fix = (f"the reference images come from the {split!r} split of {type(data).__name__}: use a split with data "
+           "(FIDCallback(reference_split=...), config metrics.reference_split=train)")
+    try:  # under a fixed seed: a dataset drawing augmentations from the global RNG (the Hub datamodules'
+        # random flips) gave other statistics on every computation and moved training's random stream
+        # only when the cache missed
+        with seeded_global_rng(0):
+            mu, sigma, n, feats = compute_features_statistics(
+                extractor, _dataloader(data, split, batch_size, num_samples), num_samples, device=device,
+                keep_features=keep_features, data_range=data_range or getattr(data, "data_range", "[-1,1]"))
+    except (MisconfigurationException, NotImplementedError) as err:  # Lightning's stub of a missing split
+        raise ValueError(f"{err}; {fix}") from err
+    except _TooFewImages as err:
+        raise ValueError(f"{err}; {fix}") from err
     arrays = {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": np.int64(n), **{k: np.asarray(v) for k, v in meta.items()}}
     if feats is not None:
         arrays["features"] = feats.numpy()
