@@ -68,6 +68,7 @@ def train(cfg: DictConfig):
     import lightning as L
     import torch
     from sgm_lightning.training.checkpoint import AtomicCheckpointIO
+    from sgm_lightning.training.fault_tolerance import PreemptionCheckpoint
     from sgm_lightning.training.lit_module import ScoreLitModule
 
     check_settings(cfg)
@@ -115,6 +116,9 @@ def train(cfg: DictConfig):
         if cfg.trainer.get("enable_progress_bar") is False and cb["_target_"].endswith("ProgressBar"):
             continue  # Lightning refuses a progress bar callback with the bar switched off
         callbacks.append(build(cb))
+    # the preemption checkpoint after every other callback of a step (evaluations, grids, ...), so the step
+    # it saves at has been evaluated; Lightning runs ModelCheckpoint-type callbacks last in any case
+    callbacks.sort(key=lambda cb: isinstance(cb, PreemptionCheckpoint))  # stable
     trainer = build(cfg.trainer, logger=logger if logger is not None else False,
                     callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # write-then-rename checkpoints
     if trainer.is_global_zero:

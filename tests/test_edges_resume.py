@@ -37,6 +37,18 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+class SignalAtStart(SignalAt):
+    """Send SIGUSR1 when the ``at_batch``-th training batch starts (before any callback's batch end)."""
+
+    def on_train_batch_end(self, *args):
+        pass
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.at_batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 @pytest.fixture(scope="module")
 def accumulated(tmp_path_factory):
     """The uninterrupted 4-step run with 2 batches per optimizer step."""
@@ -59,9 +71,9 @@ def test_preemption_between_micro_batches_waits_for_the_optimizer_step(accumulat
     then: the accumulated gradient is in no checkpoint, and the resumed run would step without it.
     The checkpoint is written at the end of that optimizer step instead."""
     from sgm_lightning.training.fault_tolerance import Preempted
-    with pytest.raises(Preempted):  # SIGUSR1 after batch 3, seen by PreemptionCheckpoint after batch 4
+    with pytest.raises(Preempted):  # SIGUSR1 after batch 4 (PreemptionCheckpoint runs after the other callbacks)
         run(tmp_path, "trainer.max_steps=4", *ACCUMULATE,
-            f"+callbacks.zsignal._target_={__name__}.SignalAt", "+callbacks.zsignal.at_batch=3")
+            f"+callbacks.zsignal._target_={__name__}.SignalAt", "+callbacks.zsignal.at_batch=4")
     part = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert part["global_step"] == 3 and part["DigitsDataModule"]["batches_consumed"] == 2
     resumed = run(tmp_path, "trainer.max_steps=4", "ckpt_path=last", *ACCUMULATE)
@@ -213,3 +225,18 @@ def test_loss_buckets_without_examples_are_gaps_not_repeats(tmp_path):
         values = [float(row[k]) for k in buckets]
         assert 1 <= sum(v == v for v in values) <= 4  # 4 examples: at most 4 buckets hold one
         assert not any(v == v and v == float(prev[k]) for k, v in zip(buckets, values))  # nothing repeated
+
+
+def test_preemption_at_an_evaluation_step_saves_after_the_evaluation(tmp_path):
+    """The preemption checkpoint ran before the FID callback of the same step: step 2 was saved without
+    its evaluation, and the resumed run never evaluated it (history [4] instead of [2, 4])."""
+    from test_resume_matrix import FID
+
+    from sgm_lightning.training.fault_tolerance import Preempted
+    with pytest.raises(Preempted):  # SIGUSR1 when the 2nd batch starts: saved at the end of step 2
+        run(tmp_path, "trainer.max_steps=4", *FID, f"+callbacks.asignal._target_={__name__}.SignalAtStart",
+            "+callbacks.asignal.at_batch=2")
+    part = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert part["global_step"] == 2
+    (fid_state,) = [v for k, v in part["callbacks"].items() if k.startswith("FIDCallback")]
+    assert [step for step, _ in fid_state["history"]] == [2]
