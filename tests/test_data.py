@@ -409,3 +409,20 @@ def test_resume_with_another_batch_size_continues_after_the_same_examples(new_ba
     same = DigitsDataModule(batch_size=64, seed=5)
     same.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": 5})  # older files: no batch size stored
     assert next(iter(same.train_batch_sampler())) == order[192:256]
+
+
+def test_reference_images_are_never_flipped(tmp_path):
+    """With random_flip the FID reference statistics were computed on randomly flipped training images."""
+    root = tmp_path / "imgs"
+    _write_image_folder(root, n_per_class=4)
+
+    def reference(flip):
+        dm = HFImageDataModule(name="imagefolder", root=str(root), image_size=5, random_flip=flip, batch_size=2,
+                               cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+        return torch.cat([x for x, _ in dm.reference_dataloader(batch_size=3)])
+
+    plain = reference(False)
+    torch.manual_seed(0)
+    assert torch.equal(reference(True), plain)
+    torch.manual_seed(1)
+    assert torch.equal(reference(True), plain)

@@ -39,7 +39,7 @@ from sgm_lightning.utils import check_int
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SGM_FID_CACHE"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: reference images are never augmented (version 1 flipped them with random_flip)
 _STAGES = {"train": "fit", "val": "validate", "test": "test"}
 
 

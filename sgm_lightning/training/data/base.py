@@ -210,11 +210,15 @@ class BaseDataModule(L.LightningDataModule):
         # its own generator: iterating it must not draw from the global RNG (exact resume of training)
         return self._loader(self.val_dataset, sampler, generator=torch.Generator().manual_seed(self.seed))
 
+    def reference_dataset(self) -> Dataset:
+        """The training examples without training-time augmentation (subclasses that augment override it)."""
+        return self.train_dataset
+
     def reference_dataloader(self, batch_size: int, num_samples: int | None = None) -> DataLoader:
-        """The first ``num_samples`` training examples in dataset order on one process (e.g. for FID
-        reference statistics); all of them when None."""
+        """The first ``num_samples`` training examples (``reference_dataset``: not augmented) in dataset order
+        on one process (e.g. for FID reference statistics); all of them when None."""
         self.setup("fit")
-        ds = self.train_dataset
+        ds = self.reference_dataset()
         if num_samples is not None:
             ds = Subset(ds, list(range(min(int(num_samples), len(ds)))))
         # a private generator: the global RNG (dropout) must not depend on whether statistics were cached

@@ -15,9 +15,8 @@
   ``DatasetDict.save_to_disk`` (read with ``datasets.load_from_disk``).
 
 Images are converted to L/RGB, optionally centre-cropped to a square, resized (PIL bicubic) to
-``image_size``, turned into tensors with numpy and mapped to ``data_range``; 16-bit grey images
-(PNG / TIFF, Pillow modes "I;16*") are scaled by 1/65535 in float32 instead. ``datasets`` is imported
-lazily (importing this module is cheap).
+``image_size``, turned into tensors with numpy and mapped to ``data_range``; 16-bit grey images (Pillow
+modes "I;16*") are scaled by 1/65535 in float32 instead. ``datasets`` is imported lazily.
 """
 
 from __future__ import annotations
@@ -293,6 +292,9 @@ class HFImageDataModule(BaseDataModule):
         return f"hf_{base}-{self.split}-{c}x{s}x{s}-{'crop' if self.center_crop else 'resize'}-bicubic"
 
     # ------------------------------------------------------------------ datasets
+    def reference_dataset(self) -> HFImageDataset:  # the training images without random flips
+        return self._wrap(self.train_dataset.hf, False, self.train_dataset.indices)
+
     def _wrap(self, hf, train: bool, indices=None) -> HFImageDataset:
         return HFImageDataset(hf, self.image_key, self.label_key, self._channels, self._image_size, self.center_crop,
                               self.random_flip and train, self.data_range, indices)
