@@ -177,6 +177,7 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
     result = evaluate(module, _stored_datamodule(module, cfg), num_samples=n,
                       method=cfg.method, steps=cfg.steps, seed=int(cfg.seed), batch_size=batch,
                       extractor=instantiate(m.extractor), kid=bool(m.kid), use_ema=bool(cfg.use_ema),
+                      kid_subset_size=int(m.get("kid_subset_size", 1000)),
                       out_dir=out_dir, reference_split=m.reference_split,
                       reference_num_samples=m.reference_num_samples, cache_dir=m.cache_dir,
                       sampler_options=plain(cfg.options), checkpoint_step=_checkpoint_step(cfg.ckpt_path))

@@ -236,3 +236,17 @@ def test_likelihood_callback_checks_its_solver_options_at_construction(options, 
     with pytest.raises(ValueError, match=match):
         LikelihoodCallback(every_n_steps=2, solver_options=options)
     LikelihoodCallback(every_n_steps=2, solver_options={"solver": "rk4", "steps": 4})  # a valid grid is accepted
+
+
+@pytest.mark.parametrize("num_samples, reference, match", [(16, 128, "must be <= num_samples=16"),
+                                                           (64, 24, "larger than the 24 reference images")])
+def test_evaluate_checks_the_kid_subset_before_drawing_a_sample(tmp_path, num_samples, reference, match):
+    """kid_subset_size above the number of samples or of reference images failed in torchmetrics after
+    every sample had been drawn, with a message that did not name kid_subset_size."""
+    from sgm_lightning.evaluation.run import evaluate
+    module = StubModule()
+    with pytest.raises(ValueError, match=match) as e:
+        evaluate(module, ToyData(), num_samples=num_samples, method="ode", steps=5, batch_size=16,
+                 extractor=RandomProjectionFeatures(SHAPE, dim=8, seed=0), kid=True, kid_subset_size=32,
+                 devices=1, accelerator="cpu", reference_num_samples=reference, cache_dir=str(tmp_path / "stats"))
+    assert "metrics.kid_subset_size" in str(e.value) and module.calls == []

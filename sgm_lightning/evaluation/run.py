@@ -63,6 +63,10 @@ class _SampleTask(L.LightningModule):
                                           keep_features=cfg["kid"], device=self.device, batch_size=cfg["batch_size"])
         load_reference_statistics(self.fid, ref.mu, ref.sigma, ref.n, rank=t.global_rank)
         if self.kid is not None:
+            if ref.n < cfg["kid_subset_size"]:  # before any sample is drawn
+                raise ValueError(f"kid_subset_size={cfg['kid_subset_size']} is larger than the {ref.n} reference "
+                                 f"images: lower kid_subset_size (metrics.kid_subset_size) or use more reference "
+                                 f"images (metrics.reference_num_samples)")
             load_reference_features(self.kid, ref.features[t.global_rank::t.world_size], rank=0)
         self.results.update(reference_key=ref.key, reference_n=ref.n, world_size=t.world_size, num_chunks=n_chunks)
 
@@ -130,6 +134,9 @@ def evaluate(module, datamodule, *, num_samples: int = 50_000, method: str = "od
     """
     if num_samples % batch_size:
         raise ValueError(f"num_samples={num_samples} must be divisible by batch_size={batch_size}")
+    if kid and kid_subset_size > num_samples:  # torchmetrics would fail only after every sample was drawn
+        raise ValueError(f"kid_subset_size={kid_subset_size} must be <= num_samples={num_samples}: lower "
+                         f"kid_subset_size (metrics.kid_subset_size) or draw more samples")
     dataset_id = dataset_id or getattr(datamodule, "dataset_id", None)
     if dataset_id is None:
         raise ValueError("the datamodule needs a dataset_id attribute (or pass dataset_id=...) for the reference cache")
