@@ -57,10 +57,11 @@ class GroupNorm(nn.GroupNorm):
         # float32 input: autocast keeps group_norm in float32 (CUDA's policy; CPU has none for it).
         # At least float32: a float64 network normalizes in float64, and the affine parameters are cast
         # to that dtype (group_norm refuses bf16 / fp16 parameters with a float32 input).
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        weight = self.weight.to(dtype) if self.weight is not None else None
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        # (casts only where the dtype differs: a no-op .to() is still a dispatcher call on the hot path)
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # promote(x, float32)
+        weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in (self.weight, self.bias))
+        y = F.group_norm(x if x.dtype == dtype else x.to(dtype), self.num_groups, weight, bias, self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def group_norm(channels: int, num_groups: int) -> GroupNorm:
