@@ -130,3 +130,44 @@ def test_superres_data_module_errors_name_the_fix():
         SuperResDataModule(base=ToyDataModule(name="two_moons", n_samples=16, batch_size=8), factor=2)
     dm = SuperResDataModule(base=base, factor=2.0)
     assert dm.factor == 2 and dm.dataset_id == SuperResDataModule(base=base, factor=2).dataset_id
+
+
+# ----------------------------------------------------------------------------- noisy classifier training
+def _fit_classifier(root, steps, ckpt_path=None, val_every=None):
+    import lightning as L
+
+    from sgm_lightning.nets.classifier import MLPClassifier
+    from sgm_lightning.training.data.toy import ToyDataModule
+    from sgm_lightning.training.lit_classifier import NoisyClassifierModule
+    L.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
+    module = NoisyClassifierModule(MLPClassifier(dim=2, num_classes=2, hidden_dim=16, num_layers=2), VPSDE(), lr=1e-2)
+    data = ToyDataModule(name="two_moons", n_samples=64, batch_size=16, val_fraction=0.25, seed=0)  # 3 batches / epoch
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=root, num_sanity_val_steps=0,
+                        val_check_interval=val_every or 1.0, limit_val_batches=1 if val_every else 0,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True)])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return module, trainer, data
+
+
+@pytest.mark.parametrize("stop", [2, 4])  # mid-epoch, after an epoch boundary
+def test_noisy_classifier_resume_is_bitwise_exact(tmp_path, stop):
+    """The classifier drew its training noise from the global RNG, which checkpoints do not hold: a
+    resumed fit trained on other noise than the uninterrupted one."""
+    full, _, _ = _fit_classifier(tmp_path / "full", 6)
+    _fit_classifier(tmp_path / "part", stop)
+    resumed, _, _ = _fit_classifier(tmp_path / "part", 6, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_noisy_classifier_validation_is_fixed_noise_and_leaves_training_alone(tmp_path):
+    """Validation drew fresh noise from the global RNG: the same weights got another val/loss at every
+    evaluation, and validating changed the training noise of every later step."""
+    quiet, _, _ = _fit_classifier(tmp_path / "a", 4)
+    module, trainer, data = _fit_classifier(tmp_path / "b", 4, val_every=2)
+    for (name, a), b in zip(quiet.state_dict().items(), module.state_dict().values()):
+        assert torch.equal(a, b), name
+    first = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    assert trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] == first
