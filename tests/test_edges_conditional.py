@@ -171,3 +171,18 @@ def test_noisy_classifier_validation_is_fixed_noise_and_leaves_training_alone(tm
         assert torch.equal(a, b), name
     first = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     assert trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] == first
+
+
+@pytest.mark.parametrize("y, match", [([0.7, 1.2], "integers"), ([0, -1], r"0\.\.1.*\[-1, 0\]"),
+                                      ([2, 0], r"0\.\.1.*\[0, 2\]")])
+def test_noisy_classifier_refuses_labels_it_cannot_learn(y, match):
+    """Float labels were truncated to classes silently (y.long()); labels outside the classes, from a
+    plain DataLoader (the data-module check of on_fit_start does not see it), failed in cross_entropy
+    with 'Target -1 is out of bounds' (a device assert on CUDA)."""
+    from sgm_lightning.nets.classifier import MLPClassifier
+    from sgm_lightning.training.lit_classifier import NoisyClassifierModule
+    module = NoisyClassifierModule(MLPClassifier(dim=2, num_classes=2, hidden_dim=8, num_layers=1), VPSDE())
+    with pytest.raises(ValueError, match=match):
+        module.noisy_loss(torch.randn(2, 2), torch.tensor(y))
+    with pytest.raises(ValueError, match=match):  # a training batch
+        module.noisy_loss(*module._unpack((torch.randn(2, 2), torch.tensor(y))))

@@ -80,7 +80,7 @@ class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
             x, y = batch[0], batch[1]
         if x is None or y is None:
             raise ValueError("batch must be (x, y) or a dict with 'x'/'image' and 'y'/'label'")
-        return x, y.long()
+        return x, y
 
     def noisy_loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Cross-entropy of the classifier on x_t ~ p_0t(x_t | x_0), t ~ U(eps, T). Returns (loss, acc)."""
@@ -89,7 +89,8 @@ class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
         mean, std = self.sde.marginal_prob(x0, t)
         x_t = mean + bcast(std, x0) * randn_like(x0, generator)
         logits = self(x_t, t)
-        loss = F.cross_entropy(logits, y)
+        _check_labels(y, logits.shape[1])
+        loss = F.cross_entropy(logits, y.long())
         acc = (logits.argmax(dim=-1) == y).float().mean()
         return loss, acc
 
@@ -131,3 +132,17 @@ class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.lr,
                                  weight_decay=self.hparams.weight_decay)
+
+
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    """Class labels of a K-class classifier: integers in 0..K-1 (cross_entropy's 'Target -1 is out of
+    bounds' named neither the labels nor the classes; y.long() truncated float labels silently)."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"class labels y must be integers, got dtype {y.dtype}: pass the class indices "
+                         f"0..{k - 1} (a LongTensor)")
+    if y.numel() and bool(((y < 0) | (y >= k)).any()):
+        lo, hi = int(y.min()), int(y.max())
+        fix = ("unlabelled examples (y = -1) cannot train a classifier: use labelled data" if lo < 0 else
+               f"build the classifier with num_classes={hi + 1}")
+        raise ValueError(f"class labels y must lie in 0..{k - 1} (the classifier's {k} classes), got values in "
+                         f"[{lo}, {hi}]; {fix}")
