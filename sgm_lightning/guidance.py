@@ -68,6 +68,13 @@ def cfg_score_fn(model, y, scale: float, null_label: int, batched: bool = True) 
     if not callable(getattr(model, "score", None)):
         raise ValueError("model must have a score(x, t, y=...) method (e.g. a class-conditional ScoreModel)")
     check_int("null_label (K for a K-class network)", null_label, min=0)
+    classes = getattr(getattr(model, "net", None), "num_classes", "unknown")  # a ScoreModel's network
+    if classes is None:
+        raise ValueError("model is not class-conditional (its network has num_classes=None): classifier-free "
+                         "guidance needs a network trained with class labels (model.class_conditional=true)")
+    if classes != "unknown" and int(null_label) != int(classes):
+        raise ValueError(f"null_label={null_label} is not the null class of this {classes}-class network: pass "
+                         f"null_label={classes} (labels 0..{classes - 1} are classes)")
 
     def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = _labels(y, x)
@@ -96,6 +103,10 @@ def classifier_log_prob_grad(classifier, x: torch.Tensor, label: torch.Tensor, y
         logits = classifier(xg, label)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"classifier must return logits of shape (B, K), got {tuple(logits.shape)}")
+        k = logits.shape[1]
+        if bool(((y < 0) | (y >= k)).any()):  # gather would fail without naming y (a device assert on CUDA)
+            raise ValueError(f"y (class labels) must lie in 0..{k - 1}, the {k} classes of the classifier, got "
+                             f"values in [{int(y.min())}, {int(y.max())}]; classifier guidance has no null label")
         logp = torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).sum()
         (grad,) = torch.autograd.grad(logp, xg)
     return grad.to(x.dtype)

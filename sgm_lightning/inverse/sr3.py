@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int
 
 DOWNSAMPLE_MODES = ("area", "bilinear", "bicubic")
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
@@ -29,8 +29,9 @@ UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
 def downsample(x: torch.Tensor, factor: int, mode: str = "area") -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H / factor, W / factor); "area" = average pooling over factor x factor
     blocks, "bilinear" / "bicubic" are antialiased."""
-    check_positive("factor", factor, integer=True)
+    factor = check_int("factor", factor)  # 2.0 (YAML / JSON) is 2: torch takes no float kernel size
     check_choice("downsample", mode, DOWNSAMPLE_MODES)
+    _check_images(x)
     H, W = x.shape[-2:]
     if H % factor or W % factor:
         raise ValueError(f"factor={factor} must divide the image size {H}x{W}: crop or resize the images to "
@@ -40,9 +41,20 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "area") -> torch.Tensor
     return F.interpolate(x, size=(H // factor, W // factor), mode=mode, align_corners=False, antialias=True)
 
 
+def _check_images(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a batch of images of shape (B, C, H, W), got {shape}; add the batch "
+                         f"dimension of one image with {name}[None]")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating-point images in the data range, got dtype {x.dtype}; convert "
+                         "them first (e.g. x.float() / 127.5 - 1 for uint8 images in [-1, 1])")
+
+
 def upsample(y: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Interpolate (B, C, h, w) to ``size`` (SR3's condition: bicubic upsampling of the low-res image)."""
     check_choice("interpolation", mode, UPSAMPLE_MODES)
+    _check_images(y, "y")
     size = (size, size) if isinstance(size, int) else tuple(size)
     if mode == "nearest":
         return F.interpolate(y, size=size, mode="nearest")
@@ -64,8 +76,15 @@ def sr3_sample(score_model, sde, x_cond: torch.Tensor, method: str = "ddpm", ste
                generator: torch.Generator | None = None, **options):
     """Sample high-res images given their upsampled low-res condition ``x_cond`` (B, C, H, W).
 
-    Returns the ``SampleResult`` of ``sgm_lightning.sampling.sample`` (samples shaped like x_cond).
+    Returns the ``SampleResult`` of ``sgm_lightning.sampling.sample`` (samples shaped like x_cond, on
+    its device; a ``device`` option must name that device).
     """
     from sgm_lightning.sampling import sample
+    _check_images(x_cond, "x_cond")
+    device = options.pop("device", None)
+    if device is not None and torch.device(device) != x_cond.device and not (
+            torch.device(device).type == x_cond.device.type and torch.device(device).index is None):
+        raise ValueError(f"device={device} but x_cond is on {x_cond.device}: the samples are drawn on the "
+                         f"condition's device; move it with x_cond.to({str(device)!r}) (or drop device=)")
     return sample(sr3_score_fn(score_model, x_cond), sde, tuple(x_cond.shape), method, steps=steps,
                   generator=generator, device=x_cond.device, **options)

@@ -6,6 +6,12 @@ cross-entropy. Its gradient grad_x log p_phi(y | x_t, t) then drives
 ``sgm_lightning.guidance.classifier_guidance_score_fn`` (pass ``module.classifier`` and
 ``label_fn=module.label``).
 
+Randomness (times t and noise) comes from a per-rank generator seeded with ``seed``, whose state, with
+the global RNG's (dropout), travels in checkpoints (``training.state.TrainingStateMixin``, as for
+``ScoreLitModule``): a resumed fit continues bitwise like the uninterrupted one. Validation draws from a
+generator seeded by the batch index, so the same weights always get the same ``val/loss`` and
+validating does not change the training noise.
+
 Checkpoints hold state dicts and hyper-parameters only: the network and the SDE are passed in
 (Hydra builds them) and excluded from ``hparams``; reload with
 ``NoisyClassifierModule.load_from_checkpoint(path, classifier=net, sde=sde)``.
@@ -20,10 +26,11 @@ from torch import nn
 
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
+from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.utils import bcast, check_positive, randn_like
 
 
-class NoisyClassifierModule(L.LightningModule):
+class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
     """LightningModule training ``classifier(x_t, label(t)) -> logits`` on noisy inputs.
 
     Args:
@@ -34,11 +41,12 @@ class NoisyClassifierModule(L.LightningModule):
         lr: Adam learning rate.
         weight_decay: AdamW weight decay.
         eps: smallest training time (None: ``sde.default_eps``).
+        seed: seed of the per-rank generator of the training noise.
     Batches are (x, y) tuples/lists or dicts with keys "x"/"image" and "y"/"label".
     """
 
     def __init__(self, classifier: nn.Module, sde: SDE, label: str = "time", lr: float = 3e-4,
-                 weight_decay: float = 0.0, eps: float | None = None):
+                 weight_decay: float = 0.0, eps: float | None = None, seed: int = 0):
         super().__init__()
         check_positive("lr", lr)
         if not weight_decay >= 0:
@@ -49,6 +57,9 @@ class NoisyClassifierModule(L.LightningModule):
         self.classifier = classifier
         self.sde = sde
         self.eps = sde.default_eps if eps is None else float(eps)
+        # TrainingStateMixin's state: generator, pending RNG states of a resume, loop state; no EMA
+        self.ema, self._generator, self._pending_rng, self._pending_torch_rng = None, None, None, None
+        self._step_end_loops = None
         # ScoreModel owns the time -> label map; a parameter-free instance lends it (not a submodule)
         object.__setattr__(self, "_labeler", ScoreModel(nn.Identity(), sde, prediction="eps", label=label))
 
@@ -69,7 +80,7 @@ class NoisyClassifierModule(L.LightningModule):
             x, y = batch[0], batch[1]
         if x is None or y is None:
             raise ValueError("batch must be (x, y) or a dict with 'x'/'image' and 'y'/'label'")
-        return x, y.long()
+        return x, y
 
     def noisy_loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Cross-entropy of the classifier on x_t ~ p_0t(x_t | x_0), t ~ U(eps, T). Returns (loss, acc)."""
@@ -78,7 +89,8 @@ class NoisyClassifierModule(L.LightningModule):
         mean, std = self.sde.marginal_prob(x0, t)
         x_t = mean + bcast(std, x0) * randn_like(x0, generator)
         logits = self(x_t, t)
-        loss = F.cross_entropy(logits, y)
+        _check_labels(y, logits.shape[1])
+        loss = F.cross_entropy(logits, y.long())
         acc = (logits.argmax(dim=-1) == y).float().mean()
         return loss, acc
 
@@ -98,18 +110,39 @@ class NoisyClassifierModule(L.LightningModule):
                              f"{data.num_classes} classes: build it with num_classes={data.num_classes}")
 
     def training_step(self, batch, batch_idx):
-        loss, acc = self.noisy_loss(*self._unpack(batch))
+        loss, acc = self.noisy_loss(*self._unpack(batch), generator=self.generator)
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, acc = self.noisy_loss(*self._unpack(batch))
+        x, y = self._unpack(batch)
+        g = torch.Generator(device=x.device)
+        g.manual_seed(rank_seed(batch_idx, self.global_rank))  # fixed noise: comparable, training RNG untouched
+        loss, acc = self.noisy_loss(x, y, generator=g)
         self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record which SDE the classifier was trained for (informational; not used to rebuild it)."""
+        """RNG / loop state (``TrainingStateMixin``) and which SDE the classifier was trained for
+        (informational; not used to rebuild it)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint.pop("sgm_config", None)
+        checkpoint.pop("train_loss_interval", None)
         checkpoint["sde"] = {"class": type(self.sde).__name__, "hparams": self.sde.hparams()}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.lr,
                                  weight_decay=self.hparams.weight_decay)
+
+
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    """Class labels of a K-class classifier: integers in 0..K-1 (cross_entropy's 'Target -1 is out of
+    bounds' named neither the labels nor the classes; y.long() truncated float labels silently)."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"class labels y must be integers, got dtype {y.dtype}: pass the class indices "
+                         f"0..{k - 1} (a LongTensor)")
+    if y.numel() and bool(((y < 0) | (y >= k)).any()):
+        lo, hi = int(y.min()), int(y.max())
+        fix = ("unlabelled examples (y = -1) cannot train a classifier: use labelled data" if lo < 0 else
+               f"build the classifier with num_classes={hi + 1}")
+        raise ValueError(f"class labels y must lie in 0..{k - 1} (the classifier's {k} classes), got values in "
+                         f"[{lo}, {hi}]; {fix}")

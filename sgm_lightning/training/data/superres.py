@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from sgm_lightning.inverse.sr3 import DOWNSAMPLE_MODES, UPSAMPLE_MODES, sr3_condition
 from sgm_lightning.training.data.base import BaseDataModule
-from sgm_lightning.utils import check_choice, check_positive
+from sgm_lightning.utils import check_choice, check_int
 
 
 class SuperResDataset(Dataset):
@@ -48,12 +48,18 @@ class SuperResDataModule(BaseDataModule):
         super().__init__(batch_size=base.batch_size, num_workers=base.num_workers, pin_memory=base.pin_memory,
                          persistent_workers=base.persistent_workers, seed=base.seed, val_fraction=base.val_fraction,
                          data_range=base.data_range, val_batch_size=base.val_batch_size)
-        check_positive("factor", factor, integer=True)
+        factor = check_int("factor", factor)  # 2.0 from YAML is 2 (and the dataset id says sr2x)
         check_choice("downsample", downsample, DOWNSAMPLE_MODES)
         check_choice("interpolation", interpolation, UPSAMPLE_MODES)
         shape = tuple(base.data_shape)
-        if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
-            raise ValueError(f"factor={factor} must divide the image size of the base data (shape {shape})")
+        if len(shape) != 3:
+            raise ValueError(f"SR3 pairs need images (C, H, W), but the base data has examples of shape {shape}; "
+                             "use an image data module as base (e.g. DigitsDataModule)")
+        if shape[1] % factor or shape[2] % factor:
+            fits = [f for f in range(2, min(shape[1:]) + 1) if shape[1] % f == 0 and shape[2] % f == 0]
+            hint = f"use factor={' or '.join(map(str, fits[:4]))}" if fits else "no factor > 1 divides it"
+            raise ValueError(f"factor={factor} must divide the image size {shape[1]}x{shape[2]} of the base data "
+                             f"(shape {shape}): {hint}, or resize the images")
         self.base = base
         self.factor, self.downsample, self.interpolation = int(factor), downsample, interpolation
         self.data_shape = shape
