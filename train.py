@@ -63,6 +63,18 @@ def check_settings(cfg: DictConfig) -> None:
                                   f"{name}.{key}={str(default).lower() if isinstance(default, bool) else default}")
 
 
+def _check_net_takes_classes(net_cfg: dict) -> None:
+    """model.class_conditional=true sets net.num_classes: a network without class labels is refused by name."""
+    import inspect
+
+    from hydra.utils import get_class
+    from sgm_lightning.cli import ConfigError
+    if "num_classes" in net_cfg and "num_classes" not in inspect.signature(get_class(net_cfg["_target_"])).parameters:
+        raise ConfigError(f"{net_cfg['_target_'].rsplit('.', 1)[-1]} takes no class labels, but model.class_conditional"
+                          f"=true gives it num_classes: use a class-conditional network (net=mlp, net=unet_small, ...) "
+                          f"or model.class_conditional=false")
+
+
 def train(cfg: DictConfig):
     """Build data, SDE, network, loss, module, logger, callbacks and trainer from ``cfg``; fit."""
     import lightning as L
@@ -84,7 +96,9 @@ def train(cfg: DictConfig):
     sde = build(cfg.sde)
     net_cfg = net_config(cfg, tuple(datamodule.data_shape), getattr(datamodule, "num_classes", None),
                          getattr(datamodule, "cond_shape", None))
-    validate_train_config(OmegaConf.merge(cfg, {"net": net_cfg}), data_shape=tuple(datamodule.data_shape))
+    # (a plain copy: net_cfg may hold keys the net config does not declare, e.g. cond_channels for SR3 data)
+    validate_train_config({**plain(cfg), "net": net_cfg}, data_shape=tuple(datamodule.data_shape))
+    _check_net_takes_classes(net_cfg)
     net = build(net_cfg)
     loss = build(cfg.loss, sde=sde)
     samples = (cfg.get("callbacks") or {}).get("samples")

@@ -434,3 +434,15 @@ def test_interpolate_counts_are_checked(tmp_path, capsys, run_dir, override, nee
     interpolate.n=1 was refused as 'n must be ...' without naming interpolate.n."""
     code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", "mode=interpolate", override)
     assert code == 2 and f"Error: {needle}" in err
+
+
+def test_sr3_data_without_its_experiment_and_a_classless_net_asked_for_classes(tmp_path, capsys):
+    """data=digits_sr alone crashed with omegaconf's "Key 'cond_channels' is not in struct" traceback (the
+    settings check merged the filled-in net config into the struct config); experiment=ssm_toy with
+    model.class_conditional=true failed the same way, then with NoiseFreeMLP's unexpected num_classes."""
+    sr_base = [o for o in TINY if not o.startswith("data.batch_size")] + ["data.base.batch_size=8"]
+    code, err = run_train(tmp_path / "sr", capsys, "data=digits_sr", "trainer.max_steps=1", base=sr_base)
+    assert code is None, err
+    code, err = run_train(tmp_path / "ssm", capsys, "experiment=ssm_toy", "model.class_conditional=true",
+                          "trainer.max_steps=1", "logger=none", base=[])
+    assert code == 2 and "NoiseFreeMLP takes no class labels" in err and "model.class_conditional=false" in err
