@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_QUIET, compose_config, load_script
+from conftest import TINY_QUIET, TINY_TRAIN, compose_config, load_script
 
 from sgm_lightning.cli import run_cli
 
@@ -446,3 +446,16 @@ def test_sr3_data_without_its_experiment_and_a_classless_net_asked_for_classes(t
     code, err = run_train(tmp_path / "ssm", capsys, "experiment=ssm_toy", "model.class_conditional=true",
                           "trainer.max_steps=1", "logger=none", base=[])
     assert code == 2 and "NoiseFreeMLP takes no class labels" in err and "model.class_conditional=false" in err
+
+
+def test_sr3_run_with_grids_trains_and_with_fid_stops_before_training(tmp_path, capsys):
+    """An SR3 network with the sample grids or callbacks=fid on trained to the first grid / FID step and
+    stopped there ('pass the image condition x_cond'), without a checkpoint: the training was lost.
+    Grids are now skipped with a warning, evaluations refused at start-up."""
+    base = [o for o in TINY_TRAIN if not o.startswith("data.batch_size")] + ["data.base.batch_size=8", "logger=none"]
+    code, err = run_train(tmp_path / "grids", capsys, "data=digits_sr", "trainer.max_steps=2",
+                          "callbacks.samples.every_n_steps=1", "callbacks.samples.num_samples=2", base=base)
+    assert code is None and (tmp_path / "grids" / "run" / "checkpoints" / "last.ckpt").exists(), err
+    code, err = run_train(tmp_path / "fid", capsys, "data=digits_sr", "trainer.max_steps=2", "callbacks=fid",
+                          "metrics=randproj", "callbacks.fid.every_n_steps=1", "~callbacks.samples", base=base)
+    assert code == 2 and "conditioned on an image (SR3)" in err and "callbacks.fid=null" in err

@@ -142,6 +142,7 @@ class FIDCallback(PeriodicEvaluation):
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_unconditioned(pl_module)
         dm = trainer.datamodule
         dataset_id = self.dataset_id or getattr(dm, "dataset_id", None)
         if dm is None or dataset_id is None:

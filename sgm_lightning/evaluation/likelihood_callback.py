@@ -93,6 +93,8 @@ class LikelihoodCallback(PeriodicEvaluation):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Fail at start-up, not at step N, when the split to evaluate has no data."""
+        if stage == "fit":
+            self.check_unconditioned(pl_module)
         dm = trainer.datamodule
         if stage != "fit" or dm is None or not hasattr(dm, f"{self.split}_dataloader"):
             return

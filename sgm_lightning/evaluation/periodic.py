@@ -58,6 +58,14 @@ class PeriodicEvaluation(Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         raise NotImplementedError
 
+    def check_unconditioned(self, pl_module: L.LightningModule) -> None:
+        """Refuse, at start-up, a network that needs an image condition (SR3): its samples and likelihoods
+        need the low-resolution inputs, which these evaluations do not give (it failed at step N)."""
+        if getattr(getattr(getattr(pl_module, "score_model", None), "net", None), "cond_channels", 0):
+            raise ValueError(f"{type(self).__name__} evaluates unconditional samples / likelihoods, but this network "
+                             f"is conditioned on an image (SR3): switch it off (e.g. callbacks.fid=null, "
+                             f"callbacks.likelihood=null) and evaluate with sample.py mode=task task=superres")
+
     def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         out = self.evaluate(trainer, pl_module)
         self._last_eval = (trainer.global_step, dict(out))

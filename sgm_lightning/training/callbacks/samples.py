@@ -88,10 +88,15 @@ class SampleGridCallback(L.Callback):
         if not trainer.is_global_zero:
             return {}
         shape = getattr(pl_module, "data_shape", None)
+        why = None
         if shape is not None and not picturable(shape):  # e.g. vectors (D,), D != 2: no picture to draw
+            why = (f"data of shape {tuple(shape)} (grids draw images with 1 or 3 channels and 2-D points)")
+        elif getattr(getattr(getattr(pl_module, "score_model", None), "net", None), "cond_channels", 0):
+            why = ("a network conditioned on an image (SR3: its samples need low-resolution inputs; "
+                   "sample.py mode=task task=superres task_method=sr3 draws them)")
+        if why is not None:
             if not self._warned:
-                rank_zero_warn(f"[sgm_lightning] no sample grids for data of shape {tuple(shape)} (grids draw images "
-                               "with 1 or 3 channels and 2-D points); set callbacks.samples=null to silence this")
+                rank_zero_warn(f"[sgm_lightning] no sample grids for {why}; set callbacks.samples=null to silence this")
                 self._warned = True
             return {}
         from sgm_lightning.training.viz import save_image
