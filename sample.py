@@ -89,6 +89,10 @@ def _grid(cfg, module, out_dir: str) -> dict:
     y = None
     if module.num_classes is not None:
         k = module.num_classes
+        label = cfg.class_label
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):  # 2.5 became class 2
+            raise ValueError(f"class_label={label!r} must be a whole class number 0..{k - 1} (or null to cycle "
+                             "through the classes)")
         if cfg.class_label is not None and not -1 <= int(cfg.class_label) <= k:
             raise ValueError(f"class_label={cfg.class_label} is not a class of this checkpoint ({k} classes: "
                              f"0..{k - 1}; {k} or -1: the null label); use class_label=0..{k - 1}, or null to cycle "
@@ -191,7 +195,12 @@ def _task(cfg, module, out_dir: str) -> dict:
     settings = {"checkpoint_step": _checkpoint_step(cfg.ckpt_path), "settings": plain(cfg)}
     task_options = plain(cfg.task_options)
     if str(cfg.task_method) == "sr3":
-        task_options = {**_sr3_options(module), **task_options}
+        trained = _sr3_options(module)
+        for key, value in task_options.items():  # the network only knows the pairs it was trained on
+            if key in trained and value != trained[key]:
+                raise ValueError(f"task_options.{key}={value!r}, but this SR3 checkpoint was trained on pairs with "
+                                 f"{key}={trained[key]!r}: drop task_options.{key} (it is read from the checkpoint)")
+        task_options = {**trained, **task_options}
     return restore_dataset_images(module, _stored_datamodule(module, cfg), task=str(cfg.task),
                                   method=str(cfg.task_method), num_images=int(cfg.num_samples),
                                   steps=int(cfg.steps or 100), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),

@@ -244,6 +244,13 @@ def test_data_overrides_with_a_foreign_key_is_one_clear_error(tmp_path, capsys, 
     assert "unexpected keyword argument 'val_fraction'" in err and "base" in err
 
 
+def test_sr3_task_options_must_match_the_trained_pairs(tmp_path, capsys, sr3_ckpt):
+    """task_options={factor: 4} on a checkpoint trained on x2 pairs fed it conditions it never saw, silently."""
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={sr3_ckpt}", "mode=task", "task=superres",
+                           "task_method=sr3", "num_samples=2", "steps=1", "task_options={factor: 4}")
+    assert code == 2 and "task_options.factor=4, but this SR3 checkpoint was trained on pairs with factor=2" in err
+
+
 @pytest.mark.parametrize("override, needle", [
     ("sde.beta_min=abc", "Error: sde.beta_min='abc' must be a number (default 0.1)"),
     ("optim.lr=fast", "Error: optim.lr='fast' must be a number (default 0.001)"),
@@ -394,6 +401,9 @@ def test_class_label_outside_the_classes_names_class_label(tmp_path, capsys):
     ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
     code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=5")
     assert code == 2 and err.startswith("Error: class_label=5 is not a class of this checkpoint (3 classes: 0..2")
+    for label in ("2.5", "abc"):  # 2.5 was silently class 2; 'abc' an int() error naming nothing
+        code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", f"class_label={label}")
+        assert code == 2 and "must be a whole class number 0..2" in err, err
     assert not os.path.exists(tmp_path / "out" / "unipc_samples.npz")
     paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=2", "num_samples=2",
                             "steps=1", "method=ddim")
