@@ -34,6 +34,7 @@ from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optim
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRUE_PRECISION_DTYPES = {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
 class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.LightningModule):
@@ -161,13 +162,34 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
             return self.loss_fn(self.score_model, x, generator=self.generator, return_t=True, **(cond or {}))
 
     def configure_model(self) -> None:
-        """Lightning hook (once per fit, before the optimizer): channels-last weights, compiled forward."""
+        """Lightning hook (once per fit, before the optimizer): the dtype of a "true" precision,
+        channels-last weights, compiled forward."""
+        self._convert_to_true_precision()
         if self.hparams.get("channels_last"):
             self.score_model.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and self._compiled_forward is None:
             mode, options = self.hparams.get("compile_mode"), self.hparams.get("compile_options")
             kwargs = {"options": dict(options)} if options else {"mode": None if mode == "default" else mode}
             self._compiled_forward = torch.compile(self.score_model.net.forward, **kwargs)
+
+    def _convert_to_true_precision(self) -> None:
+        """``trainer.precision=64-true``: weights and EMA in float64 before a checkpoint is restored (Lightning
+        converts the module after restoring it: a resume rounded the weights to float32, and the float32 EMA
+        failed at its first update). ``bf16-true`` / ``16-true`` weights cannot carry an EMA: refused."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        dtype = TRUE_PRECISION_DTYPES.get(precision)
+        if dtype is None:
+            return
+        if dtype != torch.float64 and self.ema is not None:
+            raise ValueError(
+                f"trainer.precision={precision} keeps the weights in {str(dtype)[6:]}, where the EMA of the weights "
+                "cannot be averaged (updates of (1 - ema_decay) x the difference are below its resolution). Use "
+                f"trainer.precision={precision.split('-')[0]}-mixed (float32 weights, half-precision compute), or "
+                "switch the EMA off with model.ema_decay=0 (and no model.ema_halflife_img).")
+        self.score_model.to(dtype)
+        if self.ema is not None:
+            self.ema.to(dtype=dtype)
 
     @contextlib.contextmanager
     def _compiled_net(self):
@@ -285,6 +307,8 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         if y is not None:
             y = torch.as_tensor(y, device=self.device, dtype=torch.long).expand(num_samples) \
                 if torch.as_tensor(y).ndim == 0 else torch.as_tensor(y, device=self.device, dtype=torch.long)
+        if "x_T" not in options:  # default dtype: the weights' (a 64-true run samples in float64)
+            options.setdefault("dtype", next(self.score_model.parameters()).dtype)
         was_training = self.training
         self.eval()
         chunks, result = [], None
