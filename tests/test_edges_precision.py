@@ -63,3 +63,41 @@ def test_half_true_precision_with_ema_is_refused_before_the_first_step(tmp_path,
     trainer = _trainer(tmp_path / "no_ema", max_steps=2, precision=precision)
     trainer.fit(module, _loader())
     assert trainer.global_step == 2 and all(p.dtype != torch.float32 for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- optimizer / LR schedule settings
+@pytest.mark.parametrize("settings, match", [
+    ({"betas": [0.5]}, r"optim\.betas must be two numbers.*got \[0\.5\].*optim\.betas=\[0\.9,0\.999\]"),  # IndexError
+    ({"betas": [0.9, 0.99, 0.5]}, r"optim\.betas must be two numbers"),  # the third value was ignored
+    ({"betas": 0.9}, r"optim\.betas must be two numbers"),  # TypeError
+    ({"betas": [0.9, None]}, r"optim\.betas must be two numbers"),  # TypeError
+    ({"lr": float("inf")}, r"lr must be a finite number > 0, got inf"),  # accepted: NaN weights after one step
+    ({"lr": "1e-3"}, r"lr must be a finite number > 0"),  # TypeError
+    ({"weight_decay": -1}, r"Adam refused its settings.*weight_decay.*optim\.\*"),
+])
+def test_bad_optimizer_settings_are_clear_value_errors(settings, match):
+    from sgm_lightning.training.optim import check_optimizer
+    with pytest.raises(ValueError, match=match):
+        check_optimizer(functools.partial(torch.optim.Adam, **{"lr": 1e-3, **settings}))
+
+
+def test_optimizer_settings_from_the_command_line_reach_the_optimizer(tmp_path):
+    """optim=adamw 'optim.betas=[0.5,0.6]' optim.weight_decay=0.3 model.fused=false, composed as train.py
+    does: the optimizer the module builds has them (betas as a tuple), unfused."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    cfg = compose_config("train", ["optim=adamw", "optim.betas=[0.5,0.6]", "optim.weight_decay=0.3",
+                                   "optim.lr=3e-4", "model.fused=false", "lr_schedule=constant"])
+    module = _module(optimizer=instantiate(cfg.optim, _convert_="all"), lr_scheduler=instantiate(cfg.lr_schedule),
+                     fused=cfg.model.fused)
+    opt = module.configure_optimizers()["optimizer"]
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    assert (opt.defaults["betas"], opt.defaults["weight_decay"], opt.defaults["lr"]) == ((0.5, 0.6), 0.3, 3e-4)
+
+
+@pytest.mark.parametrize("total_steps", [10.5, "100", float("nan")])
+def test_cosine_total_steps_must_be_an_integer(total_steps):
+    """10.5 was truncated to 10 silently; text failed with a TypeError, NaN with 'cannot convert float NaN'."""
+    from sgm_lightning.training.optim import WarmupSchedule
+    with pytest.raises(ValueError, match="lr_schedule.total_steps must be an integer"):
+        WarmupSchedule(warmup_steps=2, decay="cosine", total_steps=total_steps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -38,6 +39,8 @@ class WarmupSchedule:
                  min_lr_ratio: float = 0.0):
         check_int("warmup_steps", warmup_steps, min=0)
         check_choice("decay", decay, DECAYS)
+        if total_steps is not None and decay == "cosine":  # text: a TypeError; 10.5 was truncated
+            total_steps = check_int("lr_schedule.total_steps", total_steps, min=-1)  # -1: max_steps unset, below
         if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
             raise ValueError(f"decay=cosine needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r} "
                              "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set)")
@@ -95,10 +98,22 @@ def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None
     if lr_scheduler is not None and (not callable(lr_scheduler) or isinstance(lr_scheduler, str)):
         raise ValueError(f"lr_scheduler must be a callable optimizer -> LR scheduler (configs/lr_schedule/), "
                          f"got {lr_scheduler!r}")
-    lr = getattr(optimizer, "keywords", {}).get("lr")
-    if lr is not None and not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
+    keywords = getattr(optimizer, "keywords", {})
+    lr = keywords.get("lr")
+    if lr is not None and (isinstance(lr, (str, bool)) or not 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r} (e.g. optim.lr=2e-4)")
+    betas = keywords.get("betas")
+    if betas is not None and (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
+                              or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in betas)):
+        # torch: an IndexError (one value), a TypeError (text), or a third value silently ignored
+        raise ValueError(f"optim.betas must be two numbers in [0, 1) (beta1, beta2), got {betas!r}; "
+                         "e.g. 'optim.betas=[0.9,0.999]'")
+    try:
+        probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
+    except (TypeError, ValueError, IndexError) as e:
+        name = getattr(getattr(optimizer, "func", optimizer), "__name__", "the optimizer")
+        raise ValueError(f"{name} refused its settings {dict(keywords)}: {e}. Correct the optim.* setting it "
+                         "names (configs/optim/)") from None
     if lr_scheduler is not None:
         lr_scheduler(probe)
 
