@@ -101,7 +101,7 @@ def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None
     keywords = getattr(optimizer, "keywords", {})
     lr = keywords.get("lr")
     if lr is not None and (isinstance(lr, (str, bool)) or not 0 < lr < math.inf):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r} (e.g. optim.lr=2e-4)")
+        raise ValueError(f"lr must be > 0 and finite, got {lr!r} (e.g. optim.lr=2e-4)")
     betas = keywords.get("betas")
     if betas is not None and (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
                               or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in betas)):
