@@ -101,3 +101,37 @@ def test_cosine_total_steps_must_be_an_integer(total_steps):
     from sgm_lightning.training.optim import WarmupSchedule
     with pytest.raises(ValueError, match="lr_schedule.total_steps must be an integer"):
         WarmupSchedule(warmup_steps=2, decay="cosine", total_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------- compile
+def test_compile_with_a_double_backward_loss_is_refused_and_fdsm_trains(monkeypatch):
+    """model.compile=true with loss=ssm / ism (noise_free_mlp): the loss differentiates the score in x with
+    create_graph=True, and torch.compile has no double backward: a RuntimeError at the first backward.
+    Refused at construction naming the fixes; loss=fdsm (no double backward) trains compiled."""
+    from sgm_lightning.losses import FDSMLoss, ImplicitScoreMatchingLoss, SlicedScoreMatchingLoss
+    from sgm_lightning.nets.mlp import NoiseFreeMLP
+    from sgm_lightning.sde import VPSDE
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
+
+    def module(loss, compile=True):
+        torch.manual_seed(0)
+        return ScoreLitModule(net=NoiseFreeMLP(dim=2, hidden_dim=8), sde=VPSDE(), loss=loss, prediction="score",
+                              data_shape=(2,), compile=compile)
+    for loss in (SlicedScoreMatchingLoss(), ImplicitScoreMatchingLoss()):
+        with pytest.raises(ValueError, match=rf"compile=true cannot train {type(loss).__name__}.*double backward.*"
+                                             r"model\.compile=false.*loss=fdsm"):
+            module(loss)
+        module(loss, compile=False)  # eager: accepted
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    compiled, eager = module(FDSMLoss()), module(FDSMLoss(), compile=False)
+    compiled.configure_model()
+    grads = []
+    for m in (compiled, eager):
+        m._generator = torch.Generator().manual_seed(1)
+        losses, t = m.train_losses(x)
+        assert t is None and losses.shape == (4,)
+        losses.mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
-from sgm_lightning.losses import dsm_grid_loss
+from sgm_lightning.losses import ImplicitScoreMatchingLoss, SlicedScoreMatchingLoss, dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
 from sgm_lightning.training.gradients import GradientMixin
@@ -92,6 +92,10 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         check_optimizer(optimizer, lr_scheduler)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_compile_options(compile_options, compile_mode)
+        if compile and isinstance(loss, (SlicedScoreMatchingLoss, ImplicitScoreMatchingLoss)):  # failed at step 1
+            raise ValueError(f"model.compile=true cannot train {type(loss).__name__}: its gradient in x (create_graph) "
+                             "needs a double backward, which torch.compile does not support; use model.compile=false "
+                             "or loss=fdsm (finite differences, no double backward)")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
         if ema_halflife_img is not None and not ema_halflife_img > 0:
