@@ -89,7 +89,7 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
                  seed: int = 0, config: dict | None = None):
         super().__init__()
         optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=2e-4)
-        check_optimizer(optimizer, lr_scheduler)
+        check_optimizer(optimizer, lr_scheduler, fused)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_compile_options(compile_options, compile_mode)
         if compile and isinstance(loss, (SlicedScoreMatchingLoss, ImplicitScoreMatchingLoss)):  # failed at step 1
