@@ -147,3 +147,16 @@ def test_model_fused_true_needs_an_optimizer_with_a_fused_implementation():
         _module(fused="yes")
     assert not _module(optimizer=rmsprop, fused=None).configure_optimizers()["optimizer"].defaults.get("fused")
     assert _module(fused=True).configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
+@pytest.mark.parametrize("max_steps", [-1, 100])  # max_epochs only; shorter than the 5000 warm-up steps
+def test_cosine_schedule_without_room_for_its_decay_names_the_settings_to_change(max_steps):
+    """lr_schedule=cosine (warmup_steps 5000, total_steps = trainer.max_steps) with max_steps=-1 or 100: the
+    error names trainer.max_steps / lr_schedule.total_steps and lr_schedule.warmup_steps (it said only that
+    max_steps 'must then be set', also when it was set, below the warm-up)."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    cfg = compose_config("train", ["lr_schedule=cosine", f"trainer.max_steps={max_steps}", "trainer.max_epochs=1"])
+    with pytest.raises(ValueError, match=rf"total_steps > warmup_steps \(5000\), got {max_steps}.*"
+                                         r"set trainer\.max_steps.*lower lr_schedule\.warmup_steps"):
+        instantiate(cfg.lr_schedule)(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))

@@ -43,7 +43,9 @@ class WarmupSchedule:
             total_steps = check_int("lr_schedule.total_steps", total_steps, min=-1)  # -1: max_steps unset, below
         if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
             raise ValueError(f"decay=cosine needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r} "
-                             "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set)")
+                             "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set); "
+                             "set trainer.max_steps (or lr_schedule.total_steps) above lr_schedule.warmup_steps, "
+                             "or lower lr_schedule.warmup_steps")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         self.warmup_steps, self.decay = int(warmup_steps), decay
