@@ -139,12 +139,13 @@ def test_compile_with_a_double_backward_loss_is_refused_and_fdsm_trains(monkeypa
 
 def test_model_fused_true_needs_an_optimizer_with_a_fused_implementation():
     """model.fused=true with an optimizer that has no `fused` argument (RMSprop) trained unfused without a
-    word, and model.fused=yes counted as true: both refused at construction; null keeps the default."""
+    word, and model.fused=yes counted as true: both refused when fit builds the optimizer (before any
+    step; such a checkpoint still loads for sampling); null keeps the default."""
     rmsprop = functools.partial(torch.optim.RMSprop, lr=1e-3)
     with pytest.raises(ValueError, match=r"model\.fused=true, but RMSprop has no fused implementation.*model\.fused=null"):
-        _module(optimizer=rmsprop, fused=True)
+        _module(optimizer=rmsprop, fused=True).configure_optimizers()
     with pytest.raises(ValueError, match=r"model\.fused must be true, false or null.*got 'yes'"):
-        _module(fused="yes")
+        _module(fused="yes").configure_optimizers()
     assert not _module(optimizer=rmsprop, fused=None).configure_optimizers()["optimizer"].defaults.get("fused")
     assert _module(fused=True).configure_optimizers()["optimizer"].defaults["fused"] is True
 

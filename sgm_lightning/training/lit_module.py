@@ -30,7 +30,7 @@ from sgm_lightning.sde import SDE
 from sgm_lightning.training.gradients import GradientMixin
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.training.step_metrics import StepMetricsMixin
-from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
+from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_fused, check_optimizer, from_legacy_hparams
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -89,7 +89,7 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
                  seed: int = 0, config: dict | None = None):
         super().__init__()
         optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=2e-4)
-        check_optimizer(optimizer, lr_scheduler, fused)
+        check_optimizer(optimizer, lr_scheduler)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_compile_options(compile_options, compile_mode)
         if compile and isinstance(loss, (SlicedScoreMatchingLoss, ImplicitScoreMatchingLoss)):  # failed at step 1
@@ -216,6 +216,7 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
     def configure_optimizers(self):
         kwargs = {}
         fused = self.hparams.get("fused")
+        check_fused(self._optimizer_factory, fused)  # at fit start: a checkpoint still loads for sampling
         if fused is not False and accepts(self._optimizer_factory, "fused") \
                 and "fused" not in getattr(self._optimizer_factory, "keywords", {}):
             kwargs["fused"] = True  # one kernel per step; legal with clipping (configure_gradient_clipping)

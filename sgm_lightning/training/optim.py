@@ -92,11 +92,18 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, dec
     return WarmupLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
 
 
-def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None, fused: Optional[bool] = None) -> None:
-    """Fail at construction, not at the first step: build both on a dummy parameter. ``fused``: the
-    module's setting (true: the optimizer must have a fused implementation; it was ignored silently)."""
+def check_fused(optimizer: Callable, fused: Optional[bool]) -> None:
+    """``model.fused``: true needs an optimizer with a fused implementation (it was ignored silently)."""
     if fused not in (None, True, False):
         raise ValueError(f"model.fused must be true, false or null (fused when the optimizer supports it), got {fused!r}")
+    if fused and not accepts(optimizer, "fused"):
+        name = getattr(getattr(optimizer, "func", optimizer), "__name__", repr(optimizer))
+        raise ValueError(f"model.fused=true, but {name} has no fused implementation (no `fused` argument); use "
+                         "model.fused=null (fused when the optimizer supports it) or an optimizer that has one (optim=adam)")
+
+
+def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None) -> None:
+    """Fail at construction, not at the first step: build both on a dummy parameter."""
     if not callable(optimizer) or isinstance(optimizer, str):
         raise ValueError(f"optimizer must be a callable params -> torch.optim.Optimizer (a `_partial_: true` node "
                          f"such as configs/optim/adam.yaml), got {optimizer!r}")
@@ -113,10 +120,6 @@ def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None
         # torch: an IndexError (one value), a TypeError (text), or a third value silently ignored
         raise ValueError(f"optim.betas must be two numbers in [0, 1) (beta1, beta2), got {betas!r}; "
                          "e.g. 'optim.betas=[0.9,0.999]'")
-    if fused and not accepts(optimizer, "fused"):
-        name = getattr(getattr(optimizer, "func", optimizer), "__name__", repr(optimizer))
-        raise ValueError(f"model.fused=true, but {name} has no fused implementation (no `fused` argument); use "
-                         "model.fused=null (fused when the optimizer supports it) or an optimizer that has one (optim=adam)")
     try:
         probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
     except (TypeError, ValueError, IndexError) as e:
