@@ -161,3 +161,28 @@ def test_cosine_schedule_without_room_for_its_decay_names_the_settings_to_change
     with pytest.raises(ValueError, match=rf"total_steps > warmup_steps \(5000\), got {max_steps}.*"
                                          r"set trainer\.max_steps.*lower lr_schedule\.warmup_steps"):
         instantiate(cfg.lr_schedule)(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
+
+
+# ----------------------------------------------------------------------------- channels_last
+@pytest.mark.parametrize("saved, resumed", [(False, True), (True, False)])
+def test_resume_with_the_other_channels_last_setting_keeps_the_fused_adam_update(tmp_path, saved, resumed):
+    """A checkpoint resumed with another model.channels_last: Adam's moments kept the saved memory layout,
+    and the fused kernel (the default) pairs state and weights by memory position: the resumed steps
+    moved the conv weights by ~3e-3 away from the uninterrupted run, silently. They now take the weights'
+    layout on load and the run matches the uninterrupted one up to convolution rounding (~1e-7)."""
+    full = _module(channels_last=saved)
+    _trainer(tmp_path / "full", max_steps=4).fit(full, _loader(same_batches=True))
+    first = _module(channels_last=saved)
+    t1 = _trainer(tmp_path / "a", max_steps=2)
+    t1.fit(first, _loader(same_batches=True))
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    second = _module(channels_last=resumed)
+    t2 = _trainer(tmp_path / "b", max_steps=4)
+    t2.fit(second, _loader(same_batches=True), ckpt_path=str(tmp_path / "half.ckpt"))
+    opt = t2.optimizers[0]
+    assert opt.defaults["fused"] is True
+    convs = [p for p in second.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == resumed for p in convs)
+    for (k, a), b in zip(full.state_dict().items(), second.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    assert all(opt.state[p]["exp_avg"].stride() == p.stride() for p in convs)

@@ -30,7 +30,8 @@ from sgm_lightning.sde import SDE
 from sgm_lightning.training.gradients import GradientMixin
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.training.step_metrics import StepMetricsMixin
-from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_fused, check_optimizer, from_legacy_hparams
+from sgm_lightning.training.optim import (LEGACY_OPTIM_KEYS, accepts, check_fused, check_optimizer, from_legacy_hparams,
+                                          with_state_in_param_layout)
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -177,9 +178,8 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
             self._compiled_forward = torch.compile(self.score_model.net.forward, **kwargs)
 
     def _convert_to_true_precision(self) -> None:
-        """``trainer.precision=64-true``: weights and EMA in float64 before a checkpoint is restored (Lightning
-        converts the module after restoring it: a resume rounded the weights to float32, and the float32 EMA
-        failed at its first update). ``bf16-true`` / ``16-true`` weights cannot carry an EMA: refused."""
+        """``trainer.precision=64-true``: weights and EMA in float64 before a checkpoint is restored (Lightning converts
+        after restoring: a resume rounded the weights). ``bf16-true`` / ``16-true`` weights cannot carry an EMA."""
         trainer = self._trainer
         precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
         dtype = TRUE_PRECISION_DTYPES.get(precision)
@@ -220,7 +220,7 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         if fused is not False and accepts(self._optimizer_factory, "fused") \
                 and "fused" not in getattr(self._optimizer_factory, "keywords", {}):
             kwargs["fused"] = True  # one kernel per step; legal with clipping (configure_gradient_clipping)
-        opt = self._optimizer_factory(self.score_model.parameters(), **kwargs)
+        opt = with_state_in_param_layout(self._optimizer_factory(self.score_model.parameters(), **kwargs))  # resume
         if self._scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler_factory(opt), "interval": "step"}}

@@ -92,6 +92,22 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, dec
     return WarmupLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
 
 
+def with_state_in_param_layout(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer``, with a ``load_state_dict`` post-hook that gives each loaded state tensor of a
+    parameter's shape (Adam's moments) that parameter's memory layout. A checkpoint of a
+    ``model.channels_last`` run resumed without it (or the reverse) kept the saved layout, and the fused
+    kernels pair state and parameter elements by memory position: the resumed run applied scrambled
+    updates without an error (foreach and per-tensor kernels index elements and were right)."""
+    def hook(opt: torch.optim.Optimizer) -> None:
+        for p in (p for group in opt.param_groups for p in group["params"]):
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    optimizer.register_load_state_dict_post_hook(hook)
+    return optimizer
+
+
 def check_fused(optimizer: Callable, fused: Optional[bool]) -> None:
     """``model.fused``: true needs an optimizer with a fused implementation (it was ignored silently)."""
     if fused not in (None, True, False):
