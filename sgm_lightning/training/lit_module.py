@@ -24,16 +24,18 @@ import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
-from sgm_lightning.losses import dsm_grid_loss
+from sgm_lightning.losses import ImplicitScoreMatchingLoss, SlicedScoreMatchingLoss, dsm_grid_loss
 from sgm_lightning.parametrization import ScoreModel
 from sgm_lightning.sde import SDE
 from sgm_lightning.training.gradients import GradientMixin
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.training.step_metrics import StepMetricsMixin
-from sgm_lightning.training.optim import LEGACY_OPTIM_KEYS, accepts, check_optimizer, from_legacy_hparams
+from sgm_lightning.training.optim import (LEGACY_OPTIM_KEYS, accepts, check_fused, check_optimizer, from_legacy_hparams,
+                                          with_state_in_param_layout)
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRUE_PRECISION_DTYPES = {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
 class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.LightningModule):
@@ -91,6 +93,10 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         check_optimizer(optimizer, lr_scheduler)
         check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_compile_options(compile_options, compile_mode)
+        if compile and isinstance(loss, (SlicedScoreMatchingLoss, ImplicitScoreMatchingLoss)):  # failed at step 1
+            raise ValueError(f"model.compile=true cannot train {type(loss).__name__}: its gradient in x (create_graph) "
+                             "needs a double backward, which torch.compile does not support; use model.compile=false "
+                             "or loss=fdsm (finite differences, no double backward)")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
         if ema_halflife_img is not None and not ema_halflife_img > 0:
@@ -161,13 +167,33 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
             return self.loss_fn(self.score_model, x, generator=self.generator, return_t=True, **(cond or {}))
 
     def configure_model(self) -> None:
-        """Lightning hook (once per fit, before the optimizer): channels-last weights, compiled forward."""
+        """Lightning hook (once per fit, before the optimizer): the dtype of a "true" precision,
+        channels-last weights, compiled forward."""
+        self._convert_to_true_precision()
         if self.hparams.get("channels_last"):
             self.score_model.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and self._compiled_forward is None:
             mode, options = self.hparams.get("compile_mode"), self.hparams.get("compile_options")
             kwargs = {"options": dict(options)} if options else {"mode": None if mode == "default" else mode}
             self._compiled_forward = torch.compile(self.score_model.net.forward, **kwargs)
+
+    def _convert_to_true_precision(self) -> None:
+        """``trainer.precision=64-true``: weights and EMA in float64 before a checkpoint is restored (Lightning converts
+        after restoring: a resume rounded the weights). ``bf16-true`` / ``16-true`` weights cannot carry an EMA."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        dtype = TRUE_PRECISION_DTYPES.get(precision)
+        if dtype is None:
+            return
+        if dtype != torch.float64 and self.ema is not None:
+            raise ValueError(
+                f"trainer.precision={precision} keeps the weights in {str(dtype)[6:]}, where the EMA of the weights "
+                "cannot be averaged (updates of (1 - ema_decay) x the difference are below its resolution). Use "
+                f"trainer.precision={precision.split('-')[0]}-mixed (float32 weights, half-precision compute), or "
+                "switch the EMA off with model.ema_decay=0 (and no model.ema_halflife_img).")
+        self.score_model.to(dtype)
+        if self.ema is not None:
+            self.ema.to(dtype=dtype)
 
     @contextlib.contextmanager
     def _compiled_net(self):
@@ -190,10 +216,11 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
     def configure_optimizers(self):
         kwargs = {}
         fused = self.hparams.get("fused")
+        check_fused(self._optimizer_factory, fused)  # at fit start: a checkpoint still loads for sampling
         if fused is not False and accepts(self._optimizer_factory, "fused") \
                 and "fused" not in getattr(self._optimizer_factory, "keywords", {}):
             kwargs["fused"] = True  # one kernel per step; legal with clipping (configure_gradient_clipping)
-        opt = self._optimizer_factory(self.score_model.parameters(), **kwargs)
+        opt = with_state_in_param_layout(self._optimizer_factory(self.score_model.parameters(), **kwargs))  # resume
         if self._scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler_factory(opt), "interval": "step"}}
@@ -285,6 +312,8 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         if y is not None:
             y = torch.as_tensor(y, device=self.device, dtype=torch.long).expand(num_samples) \
                 if torch.as_tensor(y).ndim == 0 else torch.as_tensor(y, device=self.device, dtype=torch.long)
+        if "x_T" not in options:  # default dtype: the weights' (a 64-true run samples in float64)
+            options.setdefault("dtype", next(self.score_model.parameters()).dtype)
         was_training = self.training
         self.eval()
         chunks, result = [], None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -38,9 +39,13 @@ class WarmupSchedule:
                  min_lr_ratio: float = 0.0):
         check_int("warmup_steps", warmup_steps, min=0)
         check_choice("decay", decay, DECAYS)
+        if total_steps is not None and decay == "cosine":  # text: a TypeError; 10.5 was truncated
+            total_steps = check_int("lr_schedule.total_steps", total_steps, min=-1)  # -1: max_steps unset, below
         if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
             raise ValueError(f"decay=cosine needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r} "
-                             "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set)")
+                             "(lr_schedule.total_steps defaults to trainer.max_steps, which must then be set); "
+                             "set trainer.max_steps (or lr_schedule.total_steps) above lr_schedule.warmup_steps, "
+                             "or lower lr_schedule.warmup_steps")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         self.warmup_steps, self.decay = int(warmup_steps), decay
@@ -87,6 +92,32 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, dec
     return WarmupLR(optimizer, WarmupSchedule(warmup_steps, decay, total_steps, min_lr_ratio))
 
 
+def with_state_in_param_layout(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer``, with a ``load_state_dict`` post-hook that gives each loaded state tensor of a
+    parameter's shape (Adam's moments) that parameter's memory layout. A checkpoint of a
+    ``model.channels_last`` run resumed without it (or the reverse) kept the saved layout, and the fused
+    kernels pair state and parameter elements by memory position: the resumed run applied scrambled
+    updates without an error (foreach and per-tensor kernels index elements and were right)."""
+    def hook(opt: torch.optim.Optimizer) -> None:
+        for p in (p for group in opt.param_groups for p in group["params"]):
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    optimizer.register_load_state_dict_post_hook(hook)
+    return optimizer
+
+
+def check_fused(optimizer: Callable, fused: Optional[bool]) -> None:
+    """``model.fused``: true needs an optimizer with a fused implementation (it was ignored silently)."""
+    if fused not in (None, True, False):
+        raise ValueError(f"model.fused must be true, false or null (fused when the optimizer supports it), got {fused!r}")
+    if fused and not accepts(optimizer, "fused"):
+        name = getattr(getattr(optimizer, "func", optimizer), "__name__", repr(optimizer))
+        raise ValueError(f"model.fused=true, but {name} has no fused implementation (no `fused` argument); use "
+                         "model.fused=null (fused when the optimizer supports it) or an optimizer that has one (optim=adam)")
+
+
 def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None) -> None:
     """Fail at construction, not at the first step: build both on a dummy parameter."""
     if not callable(optimizer) or isinstance(optimizer, str):
@@ -95,10 +126,22 @@ def check_optimizer(optimizer: Callable, lr_scheduler: Optional[Callable] = None
     if lr_scheduler is not None and (not callable(lr_scheduler) or isinstance(lr_scheduler, str)):
         raise ValueError(f"lr_scheduler must be a callable optimizer -> LR scheduler (configs/lr_schedule/), "
                          f"got {lr_scheduler!r}")
-    lr = getattr(optimizer, "keywords", {}).get("lr")
-    if lr is not None and not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
+    keywords = getattr(optimizer, "keywords", {})
+    lr = keywords.get("lr")
+    if lr is not None and (isinstance(lr, (str, bool)) or not 0 < lr < math.inf):
+        raise ValueError(f"lr must be > 0 and finite, got {lr!r} (e.g. optim.lr=2e-4)")
+    betas = keywords.get("betas")
+    if betas is not None and (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
+                              or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in betas)):
+        # torch: an IndexError (one value), a TypeError (text), or a third value silently ignored
+        raise ValueError(f"optim.betas must be two numbers in [0, 1) (beta1, beta2), got {betas!r}; "
+                         "e.g. 'optim.betas=[0.9,0.999]'")
+    try:
+        probe = optimizer([torch.zeros(1, requires_grad=True)])  # torch checks betas, eps, weight decay
+    except (TypeError, ValueError, IndexError) as e:
+        name = getattr(getattr(optimizer, "func", optimizer), "__name__", "the optimizer")
+        raise ValueError(f"{name} refused its settings {dict(keywords)}: {e}. Correct the optim.* setting it "
+                         "names (configs/optim/)") from None
     if lr_scheduler is not None:
         lr_scheduler(probe)
 
