@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -30,8 +30,8 @@ from sgm_lightning.sde import SDE
 from sgm_lightning.training.gradients import GradientMixin
 from sgm_lightning.training.state import TrainingStateMixin, rank_seed
 from sgm_lightning.training.step_metrics import StepMetricsMixin
-from sgm_lightning.training.optim import (LEGACY_OPTIM_KEYS, accepts, check_fused, check_optimizer, from_legacy_hparams,
-                                          with_state_in_param_layout)
+from sgm_lightning.training.optim import (LEGACY_OPTIM_KEYS, accepts, check_compile_options, check_fused,
+                                          check_optimizer, from_legacy_hparams, with_state_in_param_layout)
 from sgm_lightning.utils import check_choice, check_int
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -331,24 +331,6 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
             self.train(was_training)
         samples = torch.cat(chunks)
         return _with_samples(result, samples)
-
-def check_compile_options(options: dict | None, mode: str | None) -> None:
-    """Inductor options: a mapping of known option names; not together with a compile mode."""
-    if options is None:
-        return
-    if not isinstance(options, Mapping):
-        raise ValueError(f"compile_options must be a mapping of inductor options (or null), got {options!r}")
-    if options and mode not in (None, "default"):
-        raise ValueError(f"compile_options={dict(options)} and compile_mode={mode} were both given; torch.compile "
-                         "takes one or the other. Keep compile_mode=default with compile_options, or drop "
-                         "compile_options (reduce-overhead = {'triton.cudagraphs': true}).")
-    import torch._inductor
-    known = set(torch._inductor.list_options())
-    unknown = sorted(str(k) for k in options if k not in known)
-    if unknown:
-        raise ValueError(f"unknown inductor option(s) in compile_options: {', '.join(unknown)}; the names are "
-                         "those of torch._inductor.list_options(), e.g. triton.cudagraphs, cpp_wrapper, "
-                         "combo_kernels, coordinate_descent_tuning")
 
 
 def _with_samples(result, samples: torch.Tensor):

@@ -8,7 +8,8 @@ lr 2e-4 and a linear warm-up over 5000 steps, then a constant rate; ``decay="cos
 
 Checkpoints written before these groups existed hold ``optimizer="adam"|"adamw"``, ``lr``, ``betas``,
 ``eps``, ``weight_decay`` and ``warmup_steps`` hyperparameters; ``from_legacy_hparams`` turns them
-into the same two partials.
+into the same two partials. The checks of the speed settings (``check_fused``, ``check_compile_options``)
+live here too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -169,3 +170,22 @@ def from_legacy_hparams(hp: dict) -> tuple[Callable, Callable]:
         kwargs["betas"] = tuple(old["betas"])
     optimizer = functools.partial(_LEGACY_OPTIMIZERS[name], **kwargs)
     return optimizer, functools.partial(warmup_schedule, warmup_steps=int(old.get("warmup_steps", 0)))
+
+
+def check_compile_options(options: dict | None, mode: str | None) -> None:
+    """Inductor options: a mapping of known option names; not together with a compile mode."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise ValueError(f"compile_options must be a mapping of inductor options (or null), got {options!r}")
+    if options and mode not in (None, "default"):
+        raise ValueError(f"compile_options={dict(options)} and compile_mode={mode} were both given; torch.compile "
+                         "takes one or the other. Keep compile_mode=default with compile_options, or drop "
+                         "compile_options (reduce-overhead = {'triton.cudagraphs': true}).")
+    import torch._inductor
+    known = set(torch._inductor.list_options())
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"unknown inductor option(s) in compile_options: {', '.join(unknown)}; the names are "
+                         "those of torch._inductor.list_options(), e.g. triton.cudagraphs, cpp_wrapper, "
+                         "combo_kernels, coordinate_descent_tuning")
