@@ -186,3 +186,22 @@ def test_noisy_classifier_refuses_labels_it_cannot_learn(y, match):
         module.noisy_loss(torch.randn(2, 2), torch.tensor(y))
     with pytest.raises(ValueError, match=match):  # a training batch
         module.noisy_loss(*module._unpack((torch.randn(2, 2), torch.tensor(y))))
+
+
+@pytest.mark.parametrize("y, match", [(torch.tensor([0.5, 1.7]), "integer class labels"), (True, "integer class labels"),
+                                      (torch.tensor([0, 1, 2]), r"got shape \(3,\)"),
+                                      (torch.tensor([0]), r"got shape \(1,\)")])
+def test_generate_checks_the_labels_before_sampling(y, match):
+    """Float labels were cast to classes (1.7 -> 1), a longer y was cut to num_samples and a shorter one
+    failed only after the first chunks had been sampled."""
+    from sgm_lightning.nets.mlp import MLPScoreNet
+    from sgm_lightning.losses import DSMLoss
+    from sgm_lightning.sde import VPSDE
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = VPSDE()
+    module = ScoreLitModule(net=MLPScoreNet(dim=2, hidden_dim=8, num_classes=3), sde=sde, loss=DSMLoss(sde),
+                            data_shape=(2,))
+    with pytest.raises(ValueError, match=match):
+        module.generate(2, method="ddim", steps=2, y=y, batch_size=1)
+    assert module.generate(2, method="ddim", steps=2, y=torch.tensor([0, 2])).samples.shape == (2, 2)
+    assert module.generate(2, method="ddim", steps=2, y=1).samples.shape == (2, 2)

@@ -310,8 +310,12 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
         num_samples = check_int("num_samples", num_samples)
         batch_size = int(batch_size or num_samples)
         if y is not None:
-            y = torch.as_tensor(y, device=self.device, dtype=torch.long).expand(num_samples) \
-                if torch.as_tensor(y).ndim == 0 else torch.as_tensor(y, device=self.device, dtype=torch.long)
+            y = torch.as_tensor(y, device=self.device)
+            if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():  # 1.7 became class 1
+                raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+            y = y.long().expand(num_samples) if y.ndim == 0 else y.long()
+            if y.shape != (num_samples,):  # a longer y was cut, a shorter one failed after the first chunks
+                raise ValueError(f"y must be one label or num_samples={num_samples} labels, got shape {tuple(y.shape)}")
         if "x_T" not in options:  # default dtype: the weights' (a 64-true run samples in float64)
             options.setdefault("dtype", next(self.score_model.parameters()).dtype)
         was_training = self.training
