@@ -3,7 +3,6 @@ audit (each test failed before its fix)."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

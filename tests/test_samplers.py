@@ -5,7 +5,6 @@ standard error of the sample size used."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
