@@ -23,12 +23,11 @@ accepts.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import torch
 
-from sgm_lightning.utils import check_int
+from sgm_lightning.utils import check_int, check_number
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,9 +46,8 @@ def _labels(y, x: torch.Tensor) -> torch.Tensor:
 def _check_scale(scale) -> float:
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype != torch.bool and not scale.is_complex():
         scale = scale.item()
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale (guidance weight) must be a finite real number (0 = unconditional), got {scale!r}")
-    return float(scale)
+    return check_number("scale (guidance weight)", scale, -math.inf, math.inf, open_ends=True,
+                        what=" (finite; 0 = unconditional)")
 
 
 def cfg_score_fn(model, y, scale: float, null_label: int, batched: bool = True) -> ScoreFn:

@@ -49,10 +49,10 @@ import inspect
 import torch
 
 from sgm_lightning.samplers import METHODS, ald, ddim, ddpm, dpm2m, dpm3m, dpm_sde, heun, ode, pc, sde_solve, unipc
-from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult, check_flag, check_number
+from sgm_lightning.samplers.common import CountingScore, Recorder, SampleResult
 from sgm_lightning.samplers.encode import decode, encode, interpolate, slerp
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import check_choice, check_int
+from sgm_lightning.utils import check_choice, check_flag, check_int, check_number
 
 __all__ = ["sample", "SampleResult", "METHODS", "default_steps", "encode", "decode", "slerp", "interpolate"]
 

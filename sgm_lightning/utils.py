@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Iterable
@@ -98,3 +99,29 @@ def unused_stem(stem: str, suffixes: Iterable[str]) -> str:
         version += 1
         out = f"{stem}-v{version}"
     return out
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool; a ValueError naming the option unless it is True / False (or 1 / 0).
+
+    ``bool("False")`` is True: a string must not silently turn an option on.
+    """
+    try:
+        ok = not isinstance(value, (str, bytes)) and value in (True, False)
+    except (TypeError, RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, open_ends: bool = False,
+                 hi_open: bool = False, what: str = "") -> float:
+    """``value`` as a float; a ValueError naming the option unless it is a real number (Python or NumPy
+    scalar, not a bool, not NaN) with lo <= value <= hi (strict at both ends with ``open_ends``, at
+    ``hi`` with ``hi_open``). ``what`` states the range in the message."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        lo < value < hi if open_ends else lo <= value and (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be a number{what}, got {value!r}")
+    return float(value)

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_number, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import bcast, randn_like
+from sgm_lightning.utils import bcast, check_number, randn_like
 
 
 def ancestral_grid(sde: SDE, steps: int, eps: float, grid: str = "uniform", device=None) -> torch.Tensor:

@@ -14,8 +14,6 @@ to the data's dtype only when ``score_fn`` is called.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,32 +85,6 @@ class Recorder:
             self.trajectory.append(x.detach().clone())
         if self.callback is not None:
             self.callback(i, float(t), x)
-
-
-def check_flag(name: str, value) -> bool:
-    """``value`` as a bool; a ValueError naming the option unless it is True / False (or 1 / 0).
-
-    ``bool("False")`` is True: a string must not silently turn an option on.
-    """
-    try:
-        ok = not isinstance(value, (str, bytes)) and value in (True, False)
-    except (TypeError, RuntimeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def check_number(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, open_ends: bool = False,
-                 hi_open: bool = False, what: str = "") -> float:
-    """``value`` as a float; a ValueError naming the option unless it is a real number (Python or NumPy
-    scalar, not a bool, not NaN) with lo <= value <= hi (strict at both ends with ``open_ends``, at
-    ``hi`` with ``hi_open``). ``what`` states the range in the message."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-        lo < value < hi if open_ends else lo <= value and (value < hi if hi_open else value <= hi))
-    if not ok:
-        raise ValueError(f"{name} must be a number{what}, got {value!r}")
-    return float(value)
 
 
 def batch_time(t, x: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_number, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import check_positive, randn_like
+from sgm_lightning.utils import check_number, check_positive, randn_like
 
 
 def heun(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: float | None,

@@ -42,11 +42,10 @@ from __future__ import annotations
 import torch
 
 from sgm_lightning.samplers.ancestral import posterior_step
-from sgm_lightning.samplers.common import (CountingScore, Recorder, batch_time, check_number, langevin_step,
-                                          per_example_norm)
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, langevin_step, per_example_norm
 from sgm_lightning.samplers.grids import make_grid
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import bcast, check_choice, check_int, check_positive, randn_like
+from sgm_lightning.utils import bcast, check_choice, check_int, check_number, check_positive, randn_like
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
 CORRECTORS = ("langevin", "hmc", "none")

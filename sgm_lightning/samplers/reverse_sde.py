@@ -26,9 +26,9 @@ from collections import OrderedDict
 
 import torch
 
-from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, check_flag, tweedie_x0
+from sgm_lightning.samplers.common import CountingScore, Recorder, batch_time, tweedie_x0
 from sgm_lightning.sde import SDE
-from sgm_lightning.utils import bcast, check_choice, check_positive
+from sgm_lightning.utils import bcast, check_choice, check_flag, check_positive
 
 SDE_SOLVERS = ("euler", "milstein", "srk")
 MEMO_SIZE = 8  # > the number of SRK stages
