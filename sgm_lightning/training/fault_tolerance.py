@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from sgm_lightning.training.gradients import optimizer_grads, total_norm
+from sgm_lightning.training.step_metrics import ends_optimizer_step
 from sgm_lightning.utils import check_choice, check_int, check_positive
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
@@ -76,14 +77,6 @@ def _checkpoint_dir(trainer: Trainer, dirpath: Optional[str]) -> str:
 def _slurm_requeue_active(trainer: Trainer) -> bool:
     env = getattr(trainer.strategy, "cluster_environment", None)
     return bool(getattr(env, "auto_requeue", False)) and type(env).__name__ == "SLURMEnvironment"
-
-
-def _ends_optimizer_step(trainer: Trainer, batch_idx: int) -> bool:
-    """Whether training batch ``batch_idx`` ended an optimizer step (``trainer.accumulate_grad_batches``
-    batches per step, fewer at the end of an epoch). Between two micro-batches the accumulated
-    gradients are in no checkpoint: a file written there would resume without them."""
-    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    return accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx + 1 >= trainer.num_training_batches
 
 
 class PreemptionCheckpoint(Callback):
@@ -165,7 +158,7 @@ class PreemptionCheckpoint(Callback):
         flag = self._signal is not None or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
-        if flag and not self._saved and _ends_optimizer_step(trainer, batch_idx):
+        if flag and not self._saved and ends_optimizer_step(trainer, batch_idx):
             why = f"received {self._signal or 'SIGTERM'}"
             path = self._save(trainer, why)
             rank_zero_info(f"[sgm_lightning] exiting with code {PREEMPTED_EXIT_CODE}; resume with ckpt_path=last.")

@@ -14,6 +14,14 @@ import time
 import torch
 
 
+def ends_optimizer_step(trainer, batch_idx: int) -> bool:
+    """Whether training batch ``batch_idx`` is the last of its optimizer step (``trainer.accumulate_grad_batches``
+    batches per step, fewer at the end of an epoch). With gradient accumulation every batch of a step has the
+    same ``global_step``; between two micro-batches the accumulated gradients are in no checkpoint."""
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx + 1 >= trainer.num_training_batches
+
+
 class StepMetricsMixin:
     """Per-step metric bookkeeping of a LightningModule (see the module docstring)."""
 
@@ -36,12 +44,8 @@ class StepMetricsMixin:
         self._interval_steps += 1
 
     def _ends_optimizer_step(self, batch_idx: int) -> bool:
-        """Whether this batch is the last of its optimizer step (``trainer.accumulate_grad_batches``
-        batches per step, fewer at the end of an epoch): with gradient accumulation every batch of a
-        step has the same ``global_step``, and ``train/loss`` is logged once, after all of them."""
-        accumulate = int(self.trainer.accumulate_grad_batches)
-        return accumulate == 1 or (batch_idx + 1) % accumulate == 0 \
-            or batch_idx + 1 >= self.trainer.num_training_batches
+        """``ends_optimizer_step`` of this module's trainer: ``train/loss`` is logged once per optimizer step."""
+        return ends_optimizer_step(self.trainer, batch_idx)
 
     def _interval_end(self) -> bool:
         """Whether this step ends a logging interval (every ``trainer.log_every_n_steps`` steps, and
