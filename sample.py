@@ -97,6 +97,10 @@ def _grid(cfg, module, out_dir: str) -> dict:
             raise ValueError(f"class_label={cfg.class_label} is not a class of this checkpoint ({k} classes: "
                              f"0..{k - 1}; {k} or -1: the null label); use class_label=0..{k - 1}, or null to cycle "
                              "through them")
+        if cfg.class_label is not None and int(cfg.class_label) in (-1, k) and module.hparams.cond_drop_prob == 0:
+            raise ValueError(f"class_label={cfg.class_label} is the null (unconditional) label, which this checkpoint "
+                             f"never trained (model.cond_drop_prob=0): use class_label=0..{k - 1}, or retrain with "
+                             "model.cond_drop_prob > 0")
         y = torch.full((n,), int(cfg.class_label)) if cfg.class_label is not None else torch.arange(n) % module.num_classes
     elif cfg.guidance_scale is not None or cfg.class_label is not None:
         raise ValueError("guidance_scale / class_label need a class-conditional checkpoint "

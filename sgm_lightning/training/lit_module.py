@@ -291,7 +291,14 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
             if self.num_classes is None or y is None:
                 raise ValueError("guidance_scale needs a class-conditional model and class labels y")
             from sgm_lightning.guidance import cfg_score_fn
-            return cfg_score_fn(self.score_model, y, guidance_scale, self.num_classes)
+            score = cfg_score_fn(self.score_model, y, guidance_scale, self.num_classes)  # checks the scale
+            if self.hparams.cond_drop_prob == 0 and float(guidance_scale) != 1.0:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} mixes in the unconditional score of the null class "
+                    f"(label {self.num_classes}), which this model never trained (model.cond_drop_prob=0): "
+                    "retrain with model.cond_drop_prob > 0 (e.g. 0.1), or sample conditionally with "
+                    "guidance_scale=null (or 1)")
+            return score
         cond = {} if y is None else {"y": y}
         return lambda x, t: self.score_model.score(x, t, **cond)
 

@@ -1,0 +1,61 @@
+"""Leftovers of the stop-16 audit: guidance on a checkpoint whose null class was never trained, and
+start-up refusals of settings Lightning would silently change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_edges_cli import run_sample
+
+
+def _conditional_module(cond_drop_prob):
+    from sgm_lightning.losses import DSMLoss
+    from sgm_lightning.nets.mlp import MLPScoreNet
+    from sgm_lightning.sde import VPSDE
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = VPSDE()
+    return ScoreLitModule(net=MLPScoreNet(dim=2, hidden_dim=8, num_classes=3), sde=sde, loss=DSMLoss(sde),
+                          data_shape=(2,), cond_drop_prob=cond_drop_prob)
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0, 7.5])
+def test_guidance_needs_a_trained_null_class(scale):
+    """With cond_drop_prob=0 the null label's embedding never saw a gradient; guidance mixed its
+    (untrained) score into the samples without a word."""
+    module = _conditional_module(0.0)
+    with pytest.raises(ValueError, match="never trained .model.cond_drop_prob=0.*cond_drop_prob > 0"):
+        module.generate(2, method="ddim", steps=2, y=1, guidance_scale=scale)
+    # scale 1 is the plain conditional score: allowed, and equal to sampling without guidance
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = module.generate(2, method="ddim", steps=2, y=1, guidance_scale=1.0, generator=g()).samples
+    b = module.generate(2, method="ddim", steps=2, y=1, generator=g()).samples
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a model trained with label dropout takes any scale
+    trained = _conditional_module(0.1)
+    assert trained.generate(2, method="ddim", steps=2, y=1, guidance_scale=scale).samples.shape == (2, 2)
+
+
+def test_guidance_scale_text_is_named_before_the_null_class_check():
+    with pytest.raises(ValueError, match="scale"):
+        _conditional_module(0.0).generate(2, method="ddim", steps=2, y=1, guidance_scale="strong")
+
+
+@pytest.mark.parametrize("label", ["3", "-1"])
+def test_sample_cli_refuses_the_untrained_null_label(tmp_path, capsys, label):
+    from hydra.utils import instantiate
+    from test_sample_cli import LOSS, NET, SDE, write_checkpoint
+
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    net, sde = {**NET, "num_classes": 3}, instantiate(SDE)
+    module = ScoreLitModule(net=instantiate(net), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            cond_drop_prob=0.0, config={"net": net, "sde": SDE, "loss": LOSS, "data": {}})
+    ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", f"class_label={label}")
+    assert code == 2 and f"Error: class_label={label} is the null (unconditional) label" in err, err
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "guidance_scale=3.0")
+    assert code == 2 and "never trained (model.cond_drop_prob=0)" in err, err
+    paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=2", "num_samples=2",
+                            "steps=1", "method=ddim")
+    assert np.load(paths["npz"])["labels"].tolist() == [2, 2], err
