@@ -59,3 +59,36 @@ def test_sample_cli_refuses_the_untrained_null_label(tmp_path, capsys, label):
     paths, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "class_label=2", "num_samples=2",
                             "steps=1", "method=ddim")
     assert np.load(paths["npz"])["labels"].tolist() == [2, 2], err
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_train_py_keeps_the_asked_precision_on_cpu(tmp_path, precision):
+    """trainer.precision=16-mixed on a CPU trained in bf16 (Lightning's fallback, one warning) while the
+    stored config said fp16; now the fp16 autocast + grad scaler run, and resume from their checkpoint."""
+    import os
+
+    import train as train_script
+    from test_resume_matrix import TINY
+    from hydra import compose, initialize_config_dir
+    from conftest import REPO
+
+    def fit(steps, ckpt=None):
+        extra = [f"ckpt_path={ckpt}"] if ckpt else []
+        with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[*TINY, f"run_dir={tmp_path}", f"trainer.max_steps={steps}",
+                                              "trainer.accelerator=cpu", f"trainer.precision={precision}",
+                                              "trainer.limit_val_batches=0", "callbacks.samples=null", *extra])
+        threads = torch.get_num_threads()
+        try:
+            return train_script.train(cfg)
+        finally:
+            torch.set_num_threads(threads)
+
+    trainer = fit(2)
+    plugin = trainer.precision_plugin
+    assert plugin.precision == precision
+    assert (plugin.scaler is not None) == (precision == "16-mixed")  # fp16 needs its loss scale
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ("MixedPrecision" in ckpt) == (precision == "16-mixed")  # the scaler's state is saved
+    trainer = fit(3, "last")
+    assert trainer.global_step == 3 and trainer.precision_plugin.precision == precision
