@@ -166,5 +166,31 @@ def main(cfg: DictConfig) -> None:
     run_cli(train)(cfg)
 
 
+OPTIONAL_GROUPS = ("lr_schedule", "callbacks", "logger", "metrics")  # train() runs without them
+
+
+def null_groups_dropped(argv: list[str]) -> list[str]:
+    """``group=null`` on the command line: Hydra itself stops with a traceback ("Config group override
+    must be a string or a list. Got NoneType"). For an optional group (``lr_schedule=null``: a constant
+    learning rate) it means Hydra's ``~group``; ``experiment=null`` is the default; a required group
+    (data, net, ...) is an error that lists its options."""
+    from sgm_lightning.cli import ConfigError
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    out = []
+    for arg in argv:
+        group = arg[:-len("=null")] if arg.endswith("=null") else None
+        if group is None or not os.path.isdir(os.path.join(root, group)):
+            out.append(arg)
+        elif group in OPTIONAL_GROUPS:
+            out.append(f"~{group}")
+        elif group != "experiment":
+            options = sorted(f[:-5] for f in os.listdir(os.path.join(root, group)) if f.endswith(".yaml"))
+            raise ConfigError(f"{arg}: a run needs a {group} config; choose {group}=<one of {', '.join(options)}> "
+                              f"(only {', '.join(OPTIONAL_GROUPS)} can be switched off with =null)")
+    return out
+
+
 if __name__ == "__main__":
+    import sys
+    sys.argv[1:] = run_cli(null_groups_dropped)(sys.argv[1:])
     main()

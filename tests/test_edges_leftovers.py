@@ -92,3 +92,28 @@ def test_train_py_keeps_the_asked_precision_on_cpu(tmp_path, precision):
     assert ("MixedPrecision" in ckpt) == (precision == "16-mixed")  # the scaler's state is saved
     trainer = fit(3, "last")
     assert trainer.global_step == 3 and trainer.precision_plugin.precision == precision
+
+
+def test_group_null_means_no_config_for_optional_groups():
+    """``lr_schedule=null`` stopped inside Hydra with a traceback ('Config group override must be a string
+    or a list. Got NoneType'); it now means ``~lr_schedule`` (a constant learning rate)."""
+    from conftest import compose_config, load_script
+    from sgm_lightning.cli import ConfigError
+    train = load_script("train")
+    argv = ["lr_schedule=null", "trainer.max_steps=3", "experiment=null", "logger=null", "model.x=null"]
+    assert train.null_groups_dropped(argv) == ["~lr_schedule", "trainer.max_steps=3", "~logger", "model.x=null"]
+    cfg = compose_config("train", train.null_groups_dropped(["lr_schedule=null", "callbacks=null"]))
+    assert cfg.get("lr_schedule") is None and cfg.get("callbacks") is None and cfg.optim is not None
+    with pytest.raises(ConfigError, match="data=null: a run needs a data config; choose data=<one of .*digits"):
+        train.null_groups_dropped(["data=null"])
+
+
+def test_required_group_null_is_one_error_line_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "train.py", "net=null", f"run_dir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: net=null: a run needs a net config"), proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
