@@ -102,9 +102,15 @@ def _grid(cfg, module, out_dir: str) -> dict:
                              f"never trained (model.cond_drop_prob=0): use class_label=0..{k - 1}, or retrain with "
                              "model.cond_drop_prob > 0")
         y = torch.full((n,), int(cfg.class_label)) if cfg.class_label is not None else torch.arange(n) % module.num_classes
-    elif cfg.guidance_scale is not None or cfg.class_label is not None:
+    elif cfg.guidance_scale is not None or (cfg.class_label is not None and cfg.classifier_ckpt is None):
         raise ValueError("guidance_scale / class_label need a class-conditional checkpoint "
-                         "(trained with model.class_conditional=true); drop them for this one")
+                         "(trained with model.class_conditional=true), or class_label a noisy classifier "
+                         "(classifier_ckpt=...); drop them for this one")
+    guide = None
+    if cfg.classifier_ckpt is not None:
+        guide, y = _classifier_guide(cfg, module, y, n)
+    elif cfg.classifier_scale is not None:
+        raise ValueError("classifier_scale needs classifier_ckpt=<a train_classifier.py run dir or checkpoint>")
     g = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     bar = tqdm(total=n, desc=f"sampling ({cfg.method})", unit="sample", position=0)
     step_bar = tqdm(desc="  steps of this batch", unit="step", position=1, leave=False)
@@ -121,7 +127,7 @@ def _grid(cfg, module, out_dir: str) -> dict:
     try:
         res = module.generate(n, method=cfg.method, steps=cfg.steps, generator=g, batch_size=cfg.batch_size, y=y,
                               use_ema=bool(cfg.use_ema), guidance_scale=cfg.guidance_scale, progress=progress,
-                              **options)
+                              guide=guide, **options)
     finally:  # also on an error: its "Error: ..." line then starts a line of its own
         step_bar.close()
         bar.close()
@@ -142,6 +148,42 @@ def _grid(cfg, module, out_dir: str) -> dict:
     save_image(samples_to_image(x, data_range=data_range, nrow=nrow), stem + "_grid.png")
     print(f"[sample] grid: {stem}_grid.png")
     return {"grid": stem + "_grid.png", "npz": stem + "_samples.npz"}
+
+
+def _classifier_guide(cfg, module, y, n: int):
+    """Classifier guidance (``classifier_ckpt``, ``classifier_scale``): the noisy classifier of a
+    ``train_classifier.py`` run, checked against the score model (same SDE, same data shape), and the labels
+    of the ``n`` samples. Returns ``(guide, y)`` for ``ScoreLitModule.generate``."""
+    import torch
+
+    from sgm_lightning.cli import ConfigError, sample_checkpoint
+    from sgm_lightning.guidance import classifier_guidance_score_fn
+    from sgm_lightning.training.lit_classifier import load_classifier_checkpoint
+    path = sample_checkpoint(cfg.classifier_ckpt)
+    clf = load_classifier_checkpoint(path, map_location=module.device)
+    ours, theirs = (type(module.sde).__name__, module.sde.hparams()), (type(clf.sde).__name__, clf.sde.hparams())
+    if ours != theirs:
+        raise ConfigError(f"classifier_ckpt={cfg.classifier_ckpt} was trained on x_t of {theirs[0]}{theirs[1]}, but "
+                          f"this score model's SDE is {ours[0]}{ours[1]}: train the classifier with the same sde "
+                          "(python train_classifier.py sde=... with the score run's sde settings)")
+    probe = torch.zeros((1, *module.data_shape), device=module.device)
+    try:
+        with torch.no_grad():
+            k = int(clf(probe, torch.full((1,), 0.5, device=module.device)).shape[-1])
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"classifier_ckpt={cfg.classifier_ckpt} does not take this model's data of shape "
+                          f"{tuple(module.data_shape)} ({str(e).splitlines()[0]}): train it on the same data") from None
+    if y is not None and module.num_classes != k:
+        raise ConfigError(f"the classifier has {k} classes but this class-conditional model {module.num_classes}: "
+                          "train both on the same labels")
+    if y is None:
+        label = cfg.class_label
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k):
+            raise ConfigError(f"class_label={label!r} is not a class of the classifier ({k} classes): use "
+                              f"class_label=0..{k - 1}, or null to cycle through them")
+        y = torch.full((n,), int(label)) if label is not None else torch.arange(n) % k
+    scale = 1.0 if cfg.classifier_scale is None else cfg.classifier_scale
+    return (lambda score, yb: classifier_guidance_score_fn(score, clf, yb, scale, label_fn=clf.label)), y
 
 
 def new_stem(out_dir: str, name: str) -> str:

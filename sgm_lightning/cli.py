@@ -235,7 +235,7 @@ def check_noise_level(noise_free_loss: bool, noise_free_net: bool, sampled_by: O
 # sample.py's modes and the options that belong to each (every mode also takes ckpt_path, mode, method,
 # steps, options, seed, use_ema, device, out_dir, batch_size); an option of another mode is an error
 SAMPLE_MODES = {
-    "grid": ("num_samples", "grid_rows", "guidance_scale", "class_label"),
+    "grid": ("num_samples", "grid_rows", "guidance_scale", "class_label", "classifier_ckpt", "classifier_scale"),
     "eval": ("eval", "metrics", "data_overrides"),
     "task": ("task", "task_method", "task_options", "num_samples", "data_overrides"),
     "interpolate": ("interpolate", "data_overrides"),

@@ -42,11 +42,13 @@ class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
         weight_decay: AdamW weight decay.
         eps: smallest training time (None: ``sde.default_eps``).
         seed: seed of the per-rank generator of the training noise.
+        config: the resolved {"net", "sde", "data"} configs (``train_classifier.py``), stored with the
+            hyper-parameters so that ``load_classifier_checkpoint`` rebuilds the module from the file alone.
     Batches are (x, y) tuples/lists or dicts with keys "x"/"image" and "y"/"label".
     """
 
     def __init__(self, classifier: nn.Module, sde: SDE, label: str = "time", lr: float = 3e-4,
-                 weight_decay: float = 0.0, eps: float | None = None, seed: int = 0):
+                 weight_decay: float = 0.0, eps: float | None = None, seed: int = 0, config: dict | None = None):
         super().__init__()
         check_positive("lr", lr)
         if not weight_decay >= 0:
@@ -122,10 +124,11 @@ class NoisyClassifierModule(TrainingStateMixin, L.LightningModule):
         self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """RNG / loop state (``TrainingStateMixin``) and which SDE the classifier was trained for
-        (informational; not used to rebuild it)."""
+        """RNG / loop state (``TrainingStateMixin``), the run's configs (``config``: ``sgm_config``, which
+        ``train_classifier.py`` checks on resume) and which SDE the classifier was trained for."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint.pop("sgm_config", None)
+        if checkpoint.get("sgm_config") is None:  # built outside train_classifier.py: no configs to store
+            checkpoint.pop("sgm_config", None)
         checkpoint.pop("train_loss_interval", None)
         checkpoint["sde"] = {"class": type(self.sde).__name__, "hparams": self.sde.hparams()}
 
@@ -146,3 +149,20 @@ def _check_labels(y: torch.Tensor, k: int) -> None:
                f"build the classifier with num_classes={hi + 1}")
         raise ValueError(f"class labels y must lie in 0..{k - 1} (the classifier's {k} classes), got values in "
                          f"[{lo}, {hi}]; {fix}")
+
+
+def load_classifier_checkpoint(path: str, map_location: str | torch.device = "cpu") -> NoisyClassifierModule:
+    """Rebuild a ``NoisyClassifierModule`` (eval mode) from a ``train_classifier.py`` checkpoint alone (read
+    with ``weights_only=True``; the network and SDE from the configs stored in its hyper-parameters)."""
+    from hydra.utils import instantiate
+
+    from sgm_lightning.training.checkpoint import CheckpointError, load_checkpoint
+    ckpt = load_checkpoint(path, map_location=map_location)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    config = hp.get("config") or {}
+    if not all(k in config for k in ("net", "sde")) or "loss" in config or "label" not in hp:  # loss: a score model
+        raise CheckpointError(f"{path} is not a noisy-classifier checkpoint (its hyper-parameters hold no classifier "
+                              "net / sde config): pass one written by python train_classifier.py")
+    module = NoisyClassifierModule(instantiate(config["net"]), instantiate(config["sde"]), **hp)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(map_location if not isinstance(map_location, dict) else "cpu").eval()

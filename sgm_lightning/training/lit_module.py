@@ -306,12 +306,13 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
     def generate(self, num_samples: int, method: str = "pc", steps: int | None = None,
                  generator: torch.Generator | None = None, batch_size: int | None = None,
                  y: torch.Tensor | None = None, use_ema: bool = True, guidance_scale: float | None = None,
-                 progress: Callable[[int, int], Any] | None = None, **options):
+                 progress: Callable[[int, int], Any] | None = None, guide: Callable | None = None, **options):
         """Draw ``num_samples`` samples with ``sgm_lightning.sampling.sample`` in batches.
 
         No collective operations happen here, so one rank may call it alone. ``progress(done, total)``
-        is called after each batch. Returns a ``SampleResult`` (samples on this module's device, nfe
-        of one batch's trajectory).
+        is called after each batch; ``guide(score_fn, y_batch) -> score_fn`` wraps each batch's score
+        (classifier guidance: ``guidance.classifier_guidance_score_fn``). Returns a ``SampleResult``
+        (samples on this module's device, nfe of one batch's trajectory).
         """
         from sgm_lightning.sampling import sample
         num_samples = check_int("num_samples", num_samples)
@@ -333,7 +334,10 @@ class ScoreLitModule(TrainingStateMixin, StepMetricsMixin, GradientMixin, L.Ligh
                 for start in range(0, num_samples, batch_size):
                     n = min(batch_size, num_samples - start)
                     yb = None if y is None else y[start:start + n]
-                    result = sample(self.score_fn(yb, guidance_scale), self.sde, (n, *self.data_shape),
+                    # an unconditional model guided by a classifier: the labels are the guide's only
+                    score = self.score_fn(None if guide is not None and self.num_classes is None else yb,
+                                          guidance_scale)
+                    result = sample(score if guide is None else guide(score, yb), self.sde, (n, *self.data_shape),
                                     method, steps=steps, generator=generator, device=self.device, **options)
                     chunks.append(result.samples)
                     if progress is not None:
@@ -367,8 +371,8 @@ def load_from_sgm_checkpoint(path: str, map_location: str | torch.device = "cpu"
     ckpt = load_checkpoint(path, map_location=map_location, require_sgm=True)  # weights_only=True
     cfg = stored_config(ckpt)
     if not all(k in cfg for k in ("net", "sde", "loss")):
-        raise ValueError(f"checkpoint {path} has no sgm_config with net/sde/loss entries; "
-                         "pass a checkpoint written by sgm_lightning's train.py")
+        raise ValueError(f"checkpoint {path} has no sgm_config with net/sde/loss entries; pass a checkpoint written "
+                         "by sgm_lightning's train.py (a train_classifier.py one goes in sample.py classifier_ckpt=)")
     sde = instantiate(cfg["sde"])
     net = instantiate(cfg["net"])
     loss = instantiate(cfg["loss"], sde=sde)
