@@ -402,3 +402,29 @@ def test_likelihood_weighted_dsm_is_the_score_matching_term_of_the_nll_bound():
     full = l_model * (T - eps)
     want = 2 * j_sm(eps) + D * quad(lambda s2, g2: g2 * (1 / s2 - 1 / (v0 + s2)), eps)
     assert abs(full.mean().item() - want) < 4.5 * full.std().item() / math.sqrt(n)
+
+
+def test_gaussian_mixture_refuses_what_is_not_a_covariance_and_names_bad_arguments():
+    """A non-symmetric matrix was read through its lower triangle (silently another mixture) and a negative
+    variance failed only at the first score / sample; a missing t, a t of another length or data of another
+    size failed deep in torch. Each is now a ValueError that names the argument and the fix."""
+    with pytest.raises(ValueError, match=r"covs\[0\].*symmetric"):
+        GaussianMixture([1.0], [[0.0, 1.0]], [[[1.0, 0.5], [0.0, 1.0]]])
+    for covs in (-1.0, [[[1.0, 2.0], [2.0, 1.0]]]):
+        with pytest.raises(ValueError, match=r"covs\[0\].*positive semi-definite"):
+            GaussianMixture([1.0], [[0.0, 1.0]], covs)
+    # a point mass is a valid data distribution: its diffused marginals are Gaussians, and it samples its mean
+    dirac = GaussianMixture([1.0], [[0.5, -1.0]], 0.0)
+    torch.testing.assert_close(dirac.sample(3), torch.tensor([[0.5, -1.0]] * 3, dtype=F64))
+    x = torch.zeros(3, 2, dtype=F64)
+    a, s = VPSDE().marginal_coeffs(_t(0.5))
+    torch.testing.assert_close(dirac.score(x, VPSDE(), 0.5), -(x - a * _t(0.5, -1.0)) / s**2)
+    with pytest.raises(ValueError, match="singular"):
+        dirac.log_prob(x)  # the data density itself does not exist
+    gm = GaussianMixture([1.0], [[0.0, 1.0]], 0.5)
+    with pytest.raises(ValueError, match=r"t .*sde"):
+        gm.score(x, VPSDE())
+    with pytest.raises(ValueError, match=r"t must .*\(3,\)"):
+        gm.score(x, VPSDE(), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match=r"event_shape \(2,\)"):
+        gm.log_prob(torch.zeros(3, 3), VPSDE(), 0.5)
