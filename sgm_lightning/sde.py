@@ -70,13 +70,26 @@ class SDE(ABC):
     def _clamp(self, t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0.0, self.T)
 
+    @staticmethod
+    def _time(x: torch.Tensor, t) -> torch.Tensor:
+        """t as a tensor: one time per example of x, (B,), or one time for all (a number or a 0-d / (1,)
+        tensor). Numbers and integer tensors become float64 (not float32: float64 data keep their precision)."""
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        if t.ndim > 0 and t.shape[0] not in (1, x.shape[0] if x.ndim else 1):
+            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), one time per example of x "
+                             f"{tuple(x.shape)}, or be a single time, got t of shape {tuple(t.shape)}")
+        return t
+
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drift f(x, t) (shape of x) and diffusion g(t) (shape (B,)) of the forward SDE (Eq. 5)."""
+        t = self._time(x, t)
         f, g = self.drift_coeff_and_diffusion(t)
         return bcast(f.to(x.dtype), x) * x, g.to(x.dtype)
 
     def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (shape of x0) and std (shape (B,)) of p_0t(x_t | x_0)."""
+        t = self._time(x0, t)
         alpha, sigma = self.marginal_coeffs(t)
         return bcast(alpha.to(x0.dtype), x0) * x0, sigma.to(x0.dtype)
 
@@ -152,6 +165,7 @@ class SDE(ABC):
         G = sqrt(sigma_i^2 - sigma_{i-1}^2) (SMLD); for VP, f = (sqrt(1 - beta_i) - 1) x,
         G = sqrt(beta_i) (DDPM). Returns (f, G) with G of shape (B,).
         """
+        t = self._time(x, t)
         if dt is None:
             dt = self.T / self.N
         s = t - dt

@@ -428,3 +428,17 @@ def test_gaussian_mixture_refuses_what_is_not_a_covariance_and_names_bad_argumen
         gm.score(x, VPSDE(), torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match=r"event_shape \(2,\)"):
         gm.log_prob(torch.zeros(3, 3), VPSDE(), 0.5)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
+def test_sde_methods_name_a_time_batch_of_another_length(sde):
+    """sde(x, t), marginal_prob(x0, t), discretize(x, t) with t of another length than x's batch raised torch's
+    'size of tensor a (3) must match ...'; now a ValueError naming t and the shape it needs. One time for the
+    whole batch still works, and a Python number is a float64 time (it was float32: float64 data got
+    coefficients 1e-7 off)."""
+    x = torch.randn(4, 2, dtype=F64)
+    for fn in (sde.sde, sde.marginal_prob, sde.discretize, lambda x, t: sde.reverse(lambda y, s: -y).sde(x, t)):
+        with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(4,\).*got t of shape \(3,\)"):
+            fn(x, torch.rand(3, dtype=F64))
+        one, per = fn(x, 0.5), fn(x, torch.full((4,), 0.5, dtype=F64))
+        torch.testing.assert_close(one[0], per[0], rtol=0, atol=0)
