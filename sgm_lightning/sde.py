@@ -33,6 +33,12 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SIGMA2_FLOOR = 1e-12  # smallest sigma(t)^2 handed out: keeps 1/sigma finite at t -> 0
 
 
+def _as_time(t) -> torch.Tensor:
+    """t as a floating tensor: Python numbers and integer tensors become float64 (torch's default float32
+    would cost float64 callers their precision); floating tensors keep their dtype."""
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else torch.as_tensor(t, dtype=torch.float64)
+
+
 class SDE(ABC):
     """A linear forward SDE on [0, T] with a Gaussian perturbation kernel.
 
@@ -74,8 +80,7 @@ class SDE(ABC):
     def _time(x: torch.Tensor, t) -> torch.Tensor:
         """t as a tensor: one time per example of x, (B,), or one time for all (a number or a 0-d / (1,)
         tensor). Numbers and integer tensors become float64 (not float32: float64 data keep their precision)."""
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
-            t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        t = _as_time(t).to(x.device)
         if t.ndim > 0 and t.shape[0] not in (1, x.shape[0] if x.ndim else 1):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), one time per example of x "
                              f"{tuple(x.shape)}, or be a single time, got t of shape {tuple(t.shape)}")
@@ -265,12 +270,12 @@ class VESDE(SDE):
         return self.sigma_max
 
     def marginal_coeffs(self, t):
-        t = torch.as_tensor(t)
+        t = _as_time(t)
         sigma = self.sigma_min * torch.exp(self._log_ratio * self._clamp(t))
         return torch.ones_like(sigma), sigma
 
     def drift_coeff_and_diffusion(self, t):
-        t = torch.as_tensor(t)
+        t = _as_time(t)
         g = self.sigma(t) * math.sqrt(2 * self._log_ratio)
         return torch.zeros_like(g), g
 
@@ -321,7 +326,7 @@ class _VPFamily(SDE):
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha(t) = -1/2 int_0^t beta(s) ds."""
-        t = self._clamp(torch.as_tensor(t))
+        t = self._clamp(_as_time(t))
         if self.schedule == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         # cos(phi0 + d) / cos(phi0) = 1 - 2 sin^2(d / 2) - tan(phi0) sin(d) with d = phi(t) - phi(0): no
@@ -332,7 +337,7 @@ class _VPFamily(SDE):
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """beta(t) = -2 d log alpha(t) / dt."""
-        t = self._clamp(torch.as_tensor(t))
+        t = self._clamp(_as_time(t))
         if self.schedule == "linear":
             return self.beta_min + t * (self.beta_max - self.beta_min)
         phi, scale = self._cosine_phi(t)

@@ -442,3 +442,17 @@ def test_sde_methods_name_a_time_batch_of_another_length(sde):
             fn(x, torch.rand(3, dtype=F64))
         one, per = fn(x, 0.5), fn(x, torch.full((4,), 0.5, dtype=F64))
         torch.testing.assert_close(one[0], per[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), VPSDE(schedule="cosine")],
+                         ids=["vp", "subvp", "ve", "vp_cosine"])
+def test_coefficients_of_a_python_number_time_are_float64(sde):
+    """marginal_coeffs(0.3), sigma(0.3), beta(0.3), ... were computed in torch's default float32 (1e-7 off the
+    closed form); a Python number is now a float64 time, like the samplers' float64 grids."""
+    T03 = torch.tensor(0.3, dtype=F64)
+    for fn in (sde.marginal_coeffs, sde.drift_coeff_and_diffusion, sde.noise_to_signal, sde.sigma, sde.alpha):
+        out = fn(0.3)
+        for got, want in zip(out if isinstance(out, tuple) else (out,),
+                             (fn(T03) if isinstance(out, tuple) else (fn(T03),))):
+            assert got.dtype == F64
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
