@@ -470,3 +470,12 @@ def test_ddim_eta_above_one_is_refused():
     a_t, s_t = sde.marginal_coeffs(_t(0.5))
     a_s, s_s = sde.marginal_coeffs(_t(0.4))
     assert float(post) <= float(s_s) and float(post**2) == pytest.approx(float((1 - (a_t / a_s) ** 2) * s_s**2 / s_t**2))
+
+
+def test_heun_churn_range_must_not_be_empty():
+    """Karras et al. 2022, Alg. 2 churns at levels in [S_tmin, S_tmax]; with s_tmin > s_tmax (swapped) the
+    churn was silently never applied. Now a ValueError naming both; without churn the range is unused."""
+    sde = VESDE(sigma_min=0.002, sigma_max=80.0)
+    with pytest.raises(ValueError, match=r"s_tmin=50.0 > s_tmax=0.05.*swap"):
+        sample(MIX.score_fn(sde), sde, (3, 2), "heun", steps=4, s_churn=10.0, s_tmin=50.0, s_tmax=0.05)
+    assert sample(MIX.score_fn(sde), sde, (3, 2), "heun", steps=4, s_tmin=50.0, s_tmax=0.05).nfe == 7
