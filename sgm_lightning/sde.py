@@ -34,8 +34,7 @@ _SIGMA2_FLOOR = 1e-12  # smallest sigma(t)^2 handed out: keeps 1/sigma finite at
 
 
 def _as_time(t) -> torch.Tensor:
-    """t as a floating tensor: Python numbers and integer tensors become float64 (torch's default float32
-    would cost float64 callers their precision); floating tensors keep their dtype."""
+    """t as a floating tensor; Python numbers and integer tensors become float64 (not torch's float32)."""
     return t if isinstance(t, torch.Tensor) and t.is_floating_point() else torch.as_tensor(t, dtype=torch.float64)
 
 
@@ -81,8 +80,9 @@ class SDE(ABC):
         """t as a tensor: one time per example of x, (B,), or one time for all (a number or a 0-d / (1,)
         tensor). Numbers and integer tensors become float64 (not float32: float64 data keep their precision)."""
         t = _as_time(t).to(x.device)
-        if t.ndim > 0 and t.shape[0] not in (1, x.shape[0] if x.ndim else 1):
-            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), one time per example of x "
+        B = x.shape[0] if x.ndim else 1
+        if t.ndim > 0 and t.shape[0] not in (1, B):
+            raise ValueError(f"t must have shape (B,) = ({B},), one time per example of x "
                              f"{tuple(x.shape)}, or be a single time, got t of shape {tuple(t.shape)}")
         return t
 
