@@ -45,7 +45,7 @@ class GaussianMixture:
         if cov.shape != (K, D, D):
             raise ValueError(f"covs must have shape (K, D, D) = ({K}, {D}, {D}), (K,) or be a scalar")
         for k in range(K if D else 0):  # cholesky reads only the lower triangle: no other matrix may pass
-            tol = 1e-12 * max(float(cov[k].abs().max()), 1.0)
+            tol = 1e-6 * float(cov[k].abs().max())  # float32 round-off (e.g. A A^T in float32) passes
             asym = float((cov[k] - cov[k].T).abs().max())
             if asym > tol:
                 raise ValueError(f"covs[{k}] must be a symmetric matrix (a covariance), got one with "
