@@ -39,10 +39,21 @@ class GaussianMixture:
         if w.shape != (K,) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be {K} non-negative numbers with a positive sum")
         cov = torch.as_tensor(covs, dtype=torch.float64)
-        if cov.ndim <= 1:
+        isotropic = cov.ndim <= 1
+        if isotropic:
             cov = cov.expand(K).reshape(K, 1, 1) * torch.eye(D, dtype=torch.float64)
         if cov.shape != (K, D, D):
             raise ValueError(f"covs must have shape (K, D, D) = ({K}, {D}, {D}), (K,) or be a scalar")
+        for k in range(K if D else 0):  # cholesky reads only the lower triangle: no other matrix may pass
+            tol = 1e-6 * float(cov[k].abs().max())  # float32 round-off (e.g. A A^T in float32) passes
+            asym = float((cov[k] - cov[k].T).abs().max())
+            if asym > tol:
+                raise ValueError(f"covs[{k}] must be a symmetric matrix (a covariance), got one with "
+                                 f"|C - C^T| up to {asym:g}")
+            low = float(cov[k, 0, 0]) if isotropic else float(torch.linalg.eigvalsh(cov[k]).min())
+            if low < -tol:
+                raise ValueError(f"covs[{k}] must be positive semi-definite (variances >= 0), got smallest "
+                                 f"eigenvalue {low:g}: pass a covariance matrix, or variances >= 0")
         self.weights = w / w.sum()
         self.means = mu
         self.covs = cov
@@ -64,17 +75,25 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """n samples of shape (n, *event_shape) in float64 (and the component labels)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        L = torch.linalg.cholesky(self.covs)
+        L, info = torch.linalg.cholesky_ex(self.covs)
+        if bool((info != 0).any()):  # a singular (e.g. point-mass) component: a square root from its eigenvectors
+            lam, V = torch.linalg.eigh(self.covs)
+            L = torch.where((info != 0)[:, None, None], V * lam.clamp_min(0.0).sqrt()[:, None, :], L)
         z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
         x = self.means[k] + torch.einsum("nij,nj->ni", L[k], z)
         x = x.reshape(n, *self.event_shape)
         return (x, k) if return_labels else x
 
     # ------------------------------------------------------------------ diffused marginals
-    def _marginal(self, sde: SDE | None, t):
+    def _marginal(self, sde: SDE | None, t, batch: int):
         if sde is None:
             return self.means[None], self.covs[None]
+        if t is None:
+            raise ValueError("t is needed with sde (the marginal p_t at time t): pass t, a float or a (B,) tensor "
+                             "(or sde=None for the data density)")
         t = torch.as_tensor(t, dtype=torch.float64, device="cpu")
+        if t.numel() not in (1, batch):
+            raise ValueError(f"t must be a float or hold one time per example, shape ({batch},), got {tuple(t.shape)}")
         alpha, sigma = sde.marginal_coeffs(t)
         alpha = alpha.reshape(-1, 1, 1, 1)
         sigma = sigma.reshape(-1, 1, 1, 1)
@@ -84,9 +103,15 @@ class GaussianMixture:
         return mu, cov
 
     def _component_terms(self, x, sde, t):
+        if x.ndim < 1 or x[0].numel() != self.D:
+            raise ValueError(f"x must have shape (B, *event_shape) with event_shape {self.event_shape} ({self.D} "
+                             f"numbers per example), got {tuple(x.shape)}")
         xf = x.reshape(x.shape[0], -1).to("cpu", torch.float64)
-        mu, cov = self._marginal(sde, t)
-        L = torch.linalg.cholesky(cov)
+        mu, cov = self._marginal(sde, t, x.shape[0])
+        L, info = torch.linalg.cholesky_ex(cov)
+        if bool((info != 0).any()):
+            raise ValueError("the covariance of p_t is singular here (a component with a singular covariance at t = 0, "
+                             "or the data density of one): evaluate the diffused marginal, sde with t > 0")
         diff = xf[:, None, :] - mu  # (B, K, D)
         sol = torch.cholesky_solve(diff.unsqueeze(-1), L).squeeze(-1)  # cov^{-1} (x - mu)
         maha = (diff * sol).sum(-1)

@@ -17,7 +17,7 @@ dtype. Methods (see the modules of ``sgm_lightning.samplers`` for the equations)
     "heun"  EDM Heun sampler (Karras et al. 2022, Alg. 1); options rho (7), s_churn, s_tmin,
             s_tmax, s_noise. steps default 18 (NFE 35).
     "ald"   annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); options steps_per_level (100),
-            step_lr (2e-5). steps = number of noise levels, default 10.
+            step_lr (0.2 sigma_L^2: 2e-5 for sigma_L = 0.01). steps = number of noise levels, default 10.
     "dpm2m", "dpm3m"  DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) / a third-order multistep exponential integrator
                       (exact kernel integrals; Lu et al.'s 3M code form is second order); options grid ("logsnr"), rho (7).
             steps default 10 (NFE = steps).

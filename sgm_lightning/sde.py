@@ -33,6 +33,11 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SIGMA2_FLOOR = 1e-12  # smallest sigma(t)^2 handed out: keeps 1/sigma finite at t -> 0
 
 
+def _as_time(t) -> torch.Tensor:
+    """t as a floating tensor; Python numbers and integer tensors become float64 (not torch's float32)."""
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else torch.as_tensor(t, dtype=torch.float64)
+
+
 class SDE(ABC):
     """A linear forward SDE on [0, T] with a Gaussian perturbation kernel.
 
@@ -70,13 +75,26 @@ class SDE(ABC):
     def _clamp(self, t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0.0, self.T)
 
+    @staticmethod
+    def _time(x: torch.Tensor, t) -> torch.Tensor:
+        """t as a tensor: one time per example of x, (B,), or one time for all (a number or a 0-d / (1,)
+        tensor). Numbers and integer tensors become float64 (not float32: float64 data keep their precision)."""
+        t = _as_time(t).to(x.device)
+        B = x.shape[0] if x.ndim else 1
+        if t.ndim > 0 and t.shape[0] not in (1, B):
+            raise ValueError(f"t must have shape (B,) = ({B},), one time per example of x "
+                             f"{tuple(x.shape)}, or be a single time, got t of shape {tuple(t.shape)}")
+        return t
+
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drift f(x, t) (shape of x) and diffusion g(t) (shape (B,)) of the forward SDE (Eq. 5)."""
+        t = self._time(x, t)
         f, g = self.drift_coeff_and_diffusion(t)
         return bcast(f.to(x.dtype), x) * x, g.to(x.dtype)
 
     def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (shape of x0) and std (shape (B,)) of p_0t(x_t | x_0)."""
+        t = self._time(x0, t)
         alpha, sigma = self.marginal_coeffs(t)
         return bcast(alpha.to(x0.dtype), x0) * x0, sigma.to(x0.dtype)
 
@@ -152,6 +170,7 @@ class SDE(ABC):
         G = sqrt(sigma_i^2 - sigma_{i-1}^2) (SMLD); for VP, f = (sqrt(1 - beta_i) - 1) x,
         G = sqrt(beta_i) (DDPM). Returns (f, G) with G of shape (B,).
         """
+        t = self._time(x, t)
         if dt is None:
             dt = self.T / self.N
         s = t - dt
@@ -251,12 +270,12 @@ class VESDE(SDE):
         return self.sigma_max
 
     def marginal_coeffs(self, t):
-        t = torch.as_tensor(t)
+        t = _as_time(t)
         sigma = self.sigma_min * torch.exp(self._log_ratio * self._clamp(t))
         return torch.ones_like(sigma), sigma
 
     def drift_coeff_and_diffusion(self, t):
-        t = torch.as_tensor(t)
+        t = _as_time(t)
         g = self.sigma(t) * math.sqrt(2 * self._log_ratio)
         return torch.zeros_like(g), g
 
@@ -307,7 +326,7 @@ class _VPFamily(SDE):
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha(t) = -1/2 int_0^t beta(s) ds."""
-        t = self._clamp(torch.as_tensor(t))
+        t = self._clamp(_as_time(t))
         if self.schedule == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         # cos(phi0 + d) / cos(phi0) = 1 - 2 sin^2(d / 2) - tan(phi0) sin(d) with d = phi(t) - phi(0): no
@@ -318,7 +337,7 @@ class _VPFamily(SDE):
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """beta(t) = -2 d log alpha(t) / dt."""
-        t = self._clamp(torch.as_tensor(t))
+        t = self._clamp(_as_time(t))
         if self.schedule == "linear":
             return self.beta_min + t * (self.beta_max - self.beta_min)
         phi, scale = self._cosine_phi(t)

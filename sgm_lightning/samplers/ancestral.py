@@ -87,7 +87,8 @@ def ddim(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
     DDPM posterior step. Grid: ``linspace(T, eps, steps)`` (eps = ``sde.default_eps`` unless given),
     then a final step to t = 0 that adds no noise.
     """
-    eta = check_number("eta", eta, 0.0, what=" >= 0 (0 = deterministic DDIM, 1 = DDPM)")
+    # eta <= 1 keeps sigma_eta <= sigma_s (as sigma_{t|s} <= sigma_t); above, the noise would exceed the marginal's
+    eta = check_number("eta", eta, 0.0, 1.0, what=" in [0, 1] (0 = deterministic DDIM, 1 = DDPM; Song et al. Eq. 16)")
     grid = ancestral_grid(sde, steps, sde.default_eps if eps is None else eps, grid, device=x.device)
     for i in range(steps):
         t, s = batch_time(grid[i], x), batch_time(grid[i + 1], x)

@@ -39,6 +39,9 @@ def heun(score: CountingScore, sde: SDE, x: torch.Tensor, *, steps: int, eps: fl
     s_churn, s_tmin, s_noise = (check_number(name, v, 0.0, what=" >= 0")
                                 for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)))
     s_tmax = check_number("s_tmax", s_tmax, what=" (a noise-to-signal level; math.inf: no upper bound)")
+    if s_churn > 0 and s_tmin > s_tmax:  # Alg. 2 churns on [S_tmin, S_tmax]: an empty range would drop s_churn
+        raise ValueError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r} leaves no noise level to churn at (s_churn="
+                         f"{s_churn!r} would be ignored): churn happens for levels in [s_tmin, s_tmax]; swap them")
     eps = sde.default_eps if eps is None else eps
     T64 = torch.tensor(sde.T, dtype=torch.float64)
     check_positive("rho", rho)
