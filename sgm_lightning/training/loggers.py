@@ -58,18 +58,41 @@ def wandb_should_be_offline() -> bool:
 
 
 def run_id_for(run_dir: str) -> str:
-    """The W&B run id of ``run_dir`` (read from RUN_ID_FILE, created on first use)."""
+    """The W&B run id of ``run_dir`` (read from RUN_ID_FILE, created on first use).
+
+    All processes of a run get the same id: under torchrun / SLURM every rank builds its logger at the
+    same time, and each wrote its own new id when none had found the file yet (the file could then hold
+    another id than rank 0's W&B run, and a resume opened a new W&B run). A new id is written to a file of
+    this process and hard-linked to RUN_ID_FILE, which fails if that exists: the first process wins, and
+    no process reads a half-written file."""
     path = os.path.join(run_dir, RUN_ID_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            rid = f.read().strip()
-        if rid:
-            return rid
-    rid = uuid.uuid4().hex[:8]
+    rid = _read_run_id(path)
+    if rid:
+        return rid
     os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(rid + "\n")
-    return rid
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        f.write(uuid.uuid4().hex[:8] + "\n")
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if not _read_run_id(path):  # an empty file (written by an older version that crashed)
+                os.replace(tmp, path)
+        except OSError:  # a file system without hard links
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return _read_run_id(path)
+
+
+def _read_run_id(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _appending_csv_logger(run_dir: str):
