@@ -37,3 +37,14 @@ def test_ranks_starting_together_agree_on_the_wandb_run_id(tmp_path):
         assert ids == [on_disk] * 4, f"start {i}: ranks got {ids}, the file holds {on_disk}"
         assert sorted(os.listdir(run_dir)) == [RUN_ID_FILE]  # no temporary file left behind
     assert len({open(os.path.join(tmp_path, f"run{i}", RUN_ID_FILE)).read() for i in range(40)}) == 40  # new dir: new id
+
+
+def test_wandb_not_importable_is_a_clear_error_naming_logger_csv(tmp_path, monkeypatch):
+    """Without an importable wandb, make_logger returned Lightning's WandbLogger, which failed at its first
+    log inside fit ("import of wandb halted"), after data and model were built, naming no way out."""
+    from sgm_lightning.training.loggers import make_logger
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match=r"logger=wandb needs the wandb package.*pip install wandb.*logger=csv"):
+        make_logger("wandb", run_dir=str(tmp_path))
+    assert not os.listdir(tmp_path)  # nothing written
+    assert make_logger("none", run_dir=str(tmp_path)) is None

@@ -143,6 +143,11 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
                              "(or use logger=wandb / csv / none)")
         from lightning.pytorch.loggers import TensorBoardLogger
         return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
+    try:  # else Lightning's WandbLogger failed only at its first log, inside fit, naming neither fix
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"logger=wandb needs the wandb package, which cannot be imported ({e}): `pip install "
+                         "wandb`, or log without it: logger=csv (or tensorboard / none)") from None
     from lightning.pytorch.loggers import WandbLogger
     if offline is None:
         offline = wandb_should_be_offline()
