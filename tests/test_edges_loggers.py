@@ -24,7 +24,7 @@ def test_ranks_starting_together_agree_on_the_wandb_run_id(tmp_path):
     disagreed), and a resume (ckpt_path=last reads the file) then opened a new W&B run."""
     from sgm_lightning.training.loggers import RUN_ID_FILE
     ctx = mp.get_context("fork")
-    for i in range(40):
+    for i in range(30):
         run_dir = str(tmp_path / f"run{i}")
         barrier, queue = ctx.Barrier(4), ctx.Queue()
         procs = [ctx.Process(target=_id_of_a_rank, args=(run_dir, barrier, queue)) for _ in range(4)]
@@ -36,7 +36,7 @@ def test_ranks_starting_together_agree_on_the_wandb_run_id(tmp_path):
         on_disk = open(os.path.join(run_dir, RUN_ID_FILE)).read().strip()
         assert ids == [on_disk] * 4, f"start {i}: ranks got {ids}, the file holds {on_disk}"
         assert sorted(os.listdir(run_dir)) == [RUN_ID_FILE]  # no temporary file left behind
-    assert len({open(os.path.join(tmp_path, f"run{i}", RUN_ID_FILE)).read() for i in range(40)}) == 40  # new dir: new id
+    assert len({open(os.path.join(tmp_path, f"run{i}", RUN_ID_FILE)).read() for i in range(30)}) == 30  # new dir: new id
 
 
 def test_wandb_not_importable_is_a_clear_error_naming_logger_csv(tmp_path, monkeypatch):
@@ -48,3 +48,51 @@ def test_wandb_not_importable_is_a_clear_error_naming_logger_csv(tmp_path, monke
         make_logger("wandb", run_dir=str(tmp_path))
     assert not os.listdir(tmp_path)  # nothing written
     assert make_logger("none", run_dir=str(tmp_path)) is None
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    """No W&B credentials or server settings but the ones a test writes: $NETRC and $WANDB_CONFIG_DIR
+    point into tmp_path."""
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("base_url, machine, logged_in", [
+    (None, "api.forge.coreweave.com", True),  # what `wandb login` of wandb 0.31 writes (its default server)
+    ("https://wandb.example.org", "wandb.example.org", True),  # a self-hosted server
+    ("https://wandb.example.org", "api.wandb.ai", False),      # wandb would find no key for that server
+])
+def test_api_key_is_looked_up_for_the_server_wandb_uses(no_wandb_login, monkeypatch, base_url, machine, logged_in):
+    """Only a ~/.netrc entry for api.wandb.ai counted as a key, but wandb 0.31's `wandb login` writes one
+    for api.forge.coreweave.com (measured): logged in, every run stayed offline and the dashboard empty."""
+    from sgm_lightning.training.loggers import wandb_api_key_available
+    (no_wandb_login / "netrc").write_text(f"machine {machine}\n  login user\n  password {'a' * 40}\n")
+    if base_url:
+        monkeypatch.setenv("WANDB_BASE_URL", base_url)
+    assert wandb_api_key_available() is logged_in
+
+
+@pytest.mark.parametrize("where", ["WANDB_BASE_URL", "wandb login --host"])
+def test_online_decision_checks_the_server_wandb_talks_to(no_wandb_login, monkeypatch, where):
+    """With a key, the reachability check went to api.wandb.ai whatever server wandb was set to use: a
+    self-hosted server that answers was logged to offline (no internet here), and an unreachable one could
+    be logged to online (wandb.init then waits ~100 s)."""
+    import socket
+
+    from sgm_lightning.training.loggers import wandb_should_be_offline
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    with socket.socket() as server:  # a local W&B server over plain http
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        if where == "WANDB_BASE_URL":
+            monkeypatch.setenv("WANDB_BASE_URL", url)
+        else:  # wandb's global settings file, where `wandb login --host URL` keeps the server
+            (no_wandb_login / "wandb_config").mkdir()
+            (no_wandb_login / "wandb_config" / "settings").write_text(f"[default]\nbase_url = {url}\n")
+        assert not wandb_should_be_offline()
+    assert wandb_should_be_offline()  # the server is gone: offline, at once

@@ -4,7 +4,8 @@ TensorBoard or none.
 W&B facts this module works around (measured with wandb 0.31): without an API key ``wandb.init``
 raises a UsageError or prompts for a login on a terminal; with a key but no network it gives up
 only after about 100 s; float images are no longer rescaled, so images are logged as uint8. Hence
-online mode is used only when an API key is available AND api.wandb.ai:443 answers a TLS handshake within 2 s.
+online mode is used only when an API key is available AND the W&B server (api.forge.coreweave.com:443, or
+$WANDB_BASE_URL's) answers a TLS handshake within 2 s.
 
 The W&B run id is stored in ``<run_dir>/wandb_run_id.txt``; a resumed run reads it back and
 continues the same W&B run (``resume="allow"``).
@@ -22,39 +23,83 @@ RUN_ID_FILE = "wandb_run_id.txt"
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 
+DEFAULT_HOSTS = ("api.forge.coreweave.com", "api.wandb.ai")  # wandb's default server since 0.31, and before
+
+
+def wandb_base_url() -> str | None:
+    """The W&B server the user chose: $WANDB_BASE_URL, else the base_url of wandb's global settings file
+    (written by ``wandb login --host``); None for wandb's default server."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    import configparser
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.join(os.environ.get("WANDB_CONFIG_DIR") or os.path.expanduser("~/.config/wandb"),
+                                 "settings"))
+        return parser.get("default", "base_url", fallback=None) or None
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+
+
 def wandb_api_key_available() -> bool:
-    """True when WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an entry for api.wandb.ai."""
+    """True when WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an entry for the W&B server
+    (``wandb_base_url``). Only api.wandb.ai was looked up, but ``wandb login`` of wandb 0.31 writes an entry
+    for its new default api.forge.coreweave.com (and for the host of ``--host``): logged in, a run stayed
+    offline."""
+    from urllib.parse import urlsplit
     if os.environ.get("WANDB_API_KEY"):
         return True
+    url = wandb_base_url()
+    hosts = (urlsplit(url).netloc,) if url else DEFAULT_HOSTS
     try:
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-        return os.path.exists(path) and netrc.netrc(path).authenticators("api.wandb.ai") is not None
+        return os.path.exists(path) and any(netrc.netrc(path).authenticators(h) is not None for h in hosts)
     except (OSError, netrc.NetrcParseError):
         return False
 
 
-def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
-    """Whether ``host:port`` completes a TLS handshake within ``timeout`` seconds per step. A TCP connect
-    alone also succeeds through a proxy or firewall that accepts connections and never answers, where
-    wandb.init would then wait for about 100 s."""
+def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0, tls: bool = True) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (``tls=False``: a TCP connect) within ``timeout``
+    seconds per step. A TCP connect alone also succeeds through a proxy or firewall that accepts
+    connections and never answers, where wandb.init would then wait for about 100 s."""
     import ssl
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only whether it answers; nothing is sent
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
+            if not tls:
+                return True
             with context.wrap_socket(sock, server_hostname=host):
                 return True
     except (OSError, ValueError):  # ssl.SSLError, socket.timeout are OSErrors
         return False
 
 
+def wandb_server_reachable(timeout: float = 2.0) -> bool:
+    """``network_reachable`` for the server wandb talks to (``wandb_base_url``, else wandb's default)."""
+    from urllib.parse import urlsplit
+    url = wandb_base_url()
+    if url is None:
+        try:
+            from wandb.sdk.lib.urls import DEFAULT_BASE_URL as url
+        except ImportError:
+            url = "https://api.wandb.ai"
+    parts = urlsplit(url if "//" in url else f"https://{url}")
+    https = parts.scheme != "http"
+    try:
+        port = parts.port or (443 if https else 80)
+    except ValueError:
+        return False
+    return bool(parts.hostname) and network_reachable(parts.hostname, port, timeout=timeout, tls=https)
+
+
 def wandb_should_be_offline() -> bool:
-    """Offline when WANDB_MODE is offline/disabled, no API key, or no network."""
+    """Offline when WANDB_MODE is offline/disabled, no API key, or the W&B server does not answer."""
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun"):
         return True
-    return not (wandb_api_key_available() and network_reachable())
+    return not (wandb_api_key_available() and wandb_server_reachable())
 
 
 def run_id_for(run_dir: str) -> str:
