@@ -96,3 +96,30 @@ def test_online_decision_checks_the_server_wandb_talks_to(no_wandb_login, monkey
             (no_wandb_login / "wandb_config" / "settings").write_text(f"[default]\nbase_url = {url}\n")
         assert not wandb_should_be_offline()
     assert wandb_should_be_offline()  # the server is gone: offline, at once
+
+
+def test_module_hyperparameters_are_not_logged_a_second_time_beside_the_run_config(tmp_path, monkeypatch):
+    """W&B got the full resolved Hydra config at init, then Lightning logged the module's hyperparameters
+    on top, flat: ``ema_decay`` beside ``model.ema_decay``, and every group again under ``config``. Now only
+    what the run config lacks is added: the shape of the data, and the network config resolved from the data
+    (its ``in_channels`` / ``image_size``, null in the Hydra config) in place of the unresolved one."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.training.loggers import make_logger
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    net = {"_target_": "sgm_lightning.nets.unet.UNet", "base_channels": 8, "in_channels": None, "image_size": None}
+    sde = {"_target_": "sgm_lightning.sde.VPSDE", "beta_min": 0.1, "beta_max": 20}
+    run_config = {"seed": 42, "net": net, "sde": sde, "data": {"batch_size": 8, "data_range": "[-1,1]"},
+                  "model": {"ema_decay": 0.9999, "prediction": "eps", "class_conditional": False}}
+    logger = make_logger("wandb", run_dir=str(tmp_path), run_config=run_config)
+    updates = []
+    logger._experiment = SimpleNamespace(config=SimpleNamespace(update=lambda d, **kw: updates.append(d)))
+    resolved_net = {**net, "in_channels": 1, "image_size": 8}
+    hparams = {"ema_decay": 0.9999, "prediction": "eps", "seed": 42, "data_range": "[-1,1]", "data_shape": (1, 8, 8),
+               "config": {"net": resolved_net, "sde": sde, "data": run_config["data"], "dataset_id": "digits-8x8"}}
+    logger.log_hyperparams(hparams)
+    assert updates == [{"data_shape": (1, 8, 8), "net": resolved_net, "dataset_id": "digits-8x8"}]
+    logger.log_hyperparams(hparams)  # a second fit with the same module adds nothing
+    assert len(updates) == 1
+    logger.log_hyperparams({"ema_decay": 0.99})  # a value that differs from the run config's is logged
+    assert updates[-1] == {"ema_decay": 0.99}

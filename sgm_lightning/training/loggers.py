@@ -168,6 +168,47 @@ def _appending_csv_logger(run_dir: str):
     return AppendingCSVLogger(save_dir=run_dir, name="csv", version="")
 
 
+def _new_hyperparameters(params: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict:
+    """The entries of the module's hyperparameters that the run config does not hold already: a key equal to
+    the run config's own or to one of a group's (``model.ema_decay``, ``data.data_range``, ``seed``), and
+    the ``config`` copy of the groups, are left out; a group resolved from the data (``net`` with its
+    ``in_channels`` / ``image_size``) replaces the run config's and new facts (``data_shape``) are added."""
+    groups = [g for g in run_config.values() if isinstance(g, Mapping)]
+    new = {}
+    for key, value in params.items():
+        if key == "config" and isinstance(value, Mapping):
+            new.update({k: v for k, v in value.items() if run_config.get(k) != v})
+        elif run_config.get(key) != value and not any(key in g and g[key] == value for g in groups):
+            new[key] = value
+    return new
+
+
+def _run_config_wandb_logger():
+    """Lightning's WandbLogger, except that with a run config (the full resolved Hydra config, given to
+    wandb.init as its config) the module's hyperparameters Lightning logs at fit start add only what the
+    run config lacks: they were all logged a second time, flat at the top level (``ema_decay`` beside
+    ``model.ema_decay``, and every group again under ``config``)."""
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class RunConfigWandbLogger(WandbLogger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._run_config = dict(kwargs.get("config") or {})
+
+        @rank_zero_only
+        def log_hyperparams(self, params) -> None:
+            from lightning.fabric.utilities.logger import _convert_params, _convert_json_serializable
+            if not self._run_config:
+                return super().log_hyperparams(params)
+            new = _new_hyperparameters(_convert_json_serializable(_convert_params(params)), self._run_config)
+            self._run_config.update(new)
+            if new:
+                super().log_hyperparams(new)
+
+    return RunConfigWandbLogger
+
+
 def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = None, project: str = "sgm_lightning",
                 name: str | None = None, entity: str | None = None, tags: list | None = None,
                 offline: bool | None = None):
@@ -193,7 +234,7 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     except ImportError as e:
         raise ValueError(f"logger=wandb needs the wandb package, which cannot be imported ({e}): `pip install "
                          "wandb`, or log without it: logger=csv (or tensorboard / none)") from None
-    from lightning.pytorch.loggers import WandbLogger
+    WandbLogger = _run_config_wandb_logger()
     if offline is None:
         offline = wandb_should_be_offline()
     disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
