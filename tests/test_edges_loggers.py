@@ -123,3 +123,20 @@ def test_module_hyperparameters_are_not_logged_a_second_time_beside_the_run_conf
     assert len(updates) == 1
     logger.log_hyperparams({"ema_decay": 0.99})  # a value that differs from the run config's is logged
     assert updates[-1] == {"ema_decay": 0.99}
+
+
+def test_falling_back_to_offline_says_why_and_how_to_upload(no_wandb_login, monkeypatch):
+    """Without a key (or an answer from the server) W&B went offline in silence (its own messages are
+    switched off): a researcher waited for a dashboard that never filled. An explicit WANDB_MODE=offline
+    stays quiet."""
+    import warnings
+
+    from sgm_lightning.training.loggers import make_logger
+    run_dir = str(no_wandb_login / "run")
+    with pytest.warns(UserWarning, match=r"W&B logs offline: no W&B API key \(run `wandb login`.*"
+                                         rf"`wandb sync {run_dir}/wandb/offline-run-\*`"):
+        logger = make_logger("wandb", run_dir=run_dir)
+    assert logger._offline and os.environ["WANDB_MODE"] == "offline"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_logger("wandb", run_dir=run_dir)  # WANDB_MODE=offline now: nothing to say

@@ -94,12 +94,21 @@ def wandb_server_reachable(timeout: float = 2.0) -> bool:
     return bool(parts.hostname) and network_reachable(parts.hostname, port, timeout=timeout, tls=https)
 
 
-def wandb_should_be_offline() -> bool:
-    """Offline when WANDB_MODE is offline/disabled, no API key, or the W&B server does not answer."""
+def wandb_offline_reason() -> str:
+    """Why W&B has to log offline ("" when it can go online): WANDB_MODE, no API key, or no answer."""
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun"):
-        return True
-    return not (wandb_api_key_available() and wandb_server_reachable())
+        return f"WANDB_MODE={mode}"
+    if not wandb_api_key_available():
+        return "no W&B API key (run `wandb login` or set WANDB_API_KEY)"
+    if not wandb_server_reachable():
+        return f"the W&B server ({wandb_base_url() or 'its default'}) did not answer within 2 s"
+    return ""
+
+
+def wandb_should_be_offline() -> bool:
+    """Offline when WANDB_MODE is offline/disabled, no API key, or the W&B server does not answer."""
+    return bool(wandb_offline_reason())
 
 
 def run_id_for(run_dir: str) -> str:
@@ -236,7 +245,12 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
                          "wandb`, or log without it: logger=csv (or tensorboard / none)") from None
     WandbLogger = _run_config_wandb_logger()
     if offline is None:
-        offline = wandb_should_be_offline()
+        why = wandb_offline_reason()
+        offline = bool(why)
+        if offline and not why.startswith("WANDB_MODE"):  # (W&B's own messages are silenced below)
+            from lightning.pytorch.utilities import rank_zero_warn
+            rank_zero_warn(f"[sgm_lightning] W&B logs offline: {why}. The run stays in {run_dir}/wandb; upload "
+                           f"it with `wandb sync {run_dir}/wandb/offline-run-*`")
     disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
     if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
