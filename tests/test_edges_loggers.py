@@ -140,3 +140,27 @@ def test_falling_back_to_offline_says_why_and_how_to_upload(no_wandb_login, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_logger("wandb", run_dir=run_dir)  # WANDB_MODE=offline now: nothing to say
+
+
+@pytest.mark.parametrize("cause", ["no key", "no answer"])
+def test_forced_online_that_cannot_go_online_is_a_clear_error_at_once(no_wandb_login, monkeypatch, cause):
+    """logger.offline=false without a key failed at the first log inside fit (wandb's UsageError traceback);
+    with a key and a server that does not answer, wandb.init waited ~100 s and then raised CommError."""
+    import socket
+    import time
+
+    from sgm_lightning.training.loggers import make_logger
+    if cause == "no answer":
+        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    needle = "no W&B API key" if cause == "no key" else rf"the W&B server \(http://127.0.0.1:{port}\) did not answer"
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"logger.offline=false makes W&B log online, but {needle}.*"
+                                         r"logger.offline=null.*logger=csv"):
+        make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False)
+    assert time.perf_counter() - t0 < 5
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment's explicit offline mode still wins
+    assert make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False) is not None

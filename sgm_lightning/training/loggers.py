@@ -251,6 +251,10 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
             from lightning.pytorch.utilities import rank_zero_warn
             rank_zero_warn(f"[sgm_lightning] W&B logs offline: {why}. The run stays in {run_dir}/wandb; upload "
                            f"it with `wandb sync {run_dir}/wandb/offline-run-*`")
+    elif not offline and (why := wandb_offline_reason()) and not why.startswith("WANDB_MODE"):
+        # forced online without a key failed at the first log, without an answer after ~100 s, inside fit
+        raise ValueError(f"logger.offline=false makes W&B log online, but {why}: fix that, or let the run go "
+                         "offline when it cannot go online (logger.offline=null), or use logger=csv")
     disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
     if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
