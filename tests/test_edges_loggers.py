@@ -164,3 +164,23 @@ def test_forced_online_that_cannot_go_online_is_a_clear_error_at_once(no_wandb_l
     assert time.perf_counter() - t0 < 5
     monkeypatch.setenv("WANDB_MODE", "offline")  # the environment's explicit offline mode still wins
     assert make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False) is not None
+
+
+def test_wandb_project_environment_variable_is_used_unless_logger_project_is_given(tmp_path, monkeypatch):
+    """WANDB_ENTITY and WANDB_NAME reached wandb.init, but the config's fixed project: sgm_lightning hid
+    WANDB_PROJECT: the runs of a researcher who set it landed in another project of the dashboard."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from sgm_lightning.training.loggers import make_logger
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "my_sweep")
+    assert OmegaConf.to_container(compose_config("train", [f"run_dir={tmp_path}"]).logger, resolve=True)["project"] \
+        == "my_sweep"
+    given = compose_config("train", [f"run_dir={tmp_path}", "logger.project=other"]).logger.project
+    assert given == "other"
+    assert make_logger("wandb", run_dir=str(tmp_path))._project == "my_sweep"
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert OmegaConf.to_container(compose_config("train", [f"run_dir={tmp_path}"]).logger, resolve=True)["project"] \
+        == "sgm_lightning"
+    assert make_logger("wandb", run_dir=str(tmp_path))._project == "sgm_lightning"

@@ -218,12 +218,14 @@ def _run_config_wandb_logger():
     return RunConfigWandbLogger
 
 
-def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = None, project: str = "sgm_lightning",
+def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = None, project: str | None = None,
                 name: str | None = None, entity: str | None = None, tags: list | None = None,
                 offline: bool | None = None):
     """Build the logger for a run: ``kind`` in LOGGERS; everything is written under ``run_dir``.
 
-    ``offline=None`` decides automatically (``wandb_should_be_offline``). Returns None for "none".
+    ``offline=None`` decides automatically (``wandb_should_be_offline``); ``project=None``: $WANDB_PROJECT,
+    else "sgm_lightning" (a fixed default hid the variable, unlike WANDB_ENTITY / WANDB_NAME). Returns None
+    for "none".
     """
     if kind not in LOGGERS:
         raise ValueError(f"logger={kind!r} is not supported; allowed values: {', '.join(LOGGERS)}")
@@ -259,6 +261,7 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
     os.environ.setdefault("WANDB_SILENT", "true")
+    project = project or os.environ.get("WANDB_PROJECT") or "sgm_lightning"
     return WandbLogger(project=project, name=name, entity=entity, tags=list(tags or []), save_dir=run_dir,
                        id=run_id_for(run_dir), resume="allow", offline=offline and not disabled,
                        config=dict(run_config or {}), **({"mode": "disabled"} if disabled else {}))
