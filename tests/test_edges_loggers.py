@@ -184,3 +184,21 @@ def test_wandb_project_environment_variable_is_used_unless_logger_project_is_giv
     assert OmegaConf.to_container(compose_config("train", [f"run_dir={tmp_path}"]).logger, resolve=True)["project"] \
         == "sgm_lightning"
     assert make_logger("wandb", run_dir=str(tmp_path))._project == "sgm_lightning"
+
+
+def test_an_online_run_keeps_wandbs_messages_with_the_dashboard_url(no_wandb_login, monkeypatch):
+    """WANDB_SILENT=true was set for every W&B run: online, wandb's "View run at https://..." line, the
+    one way to find the run's dashboard from the terminal, was never printed. Offline it stays silent."""
+    import socket
+
+    from sgm_lightning.training.loggers import make_logger
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    with socket.socket() as server:  # a W&B server that answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        logger = make_logger("wandb", run_dir=str(no_wandb_login / "online"))
+    assert not logger._offline and "WANDB_SILENT" not in os.environ
+    assert make_logger("wandb", run_dir=str(no_wandb_login / "offline"), offline=True)._offline
+    assert os.environ["WANDB_SILENT"] == "true"

@@ -260,7 +260,8 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
     disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
     if offline and not disabled:
         os.environ["WANDB_MODE"] = "offline"  # also for any wandb call outside the logger
-    os.environ.setdefault("WANDB_SILENT", "true")
+    if offline or disabled:  # online, W&B's messages stay: they give the run's dashboard URL
+        os.environ.setdefault("WANDB_SILENT", "true")
     project = project or os.environ.get("WANDB_PROJECT") or "sgm_lightning"
     return WandbLogger(project=project, name=name, entity=entity, tags=list(tags or []), save_dir=run_dir,
                        id=run_id_for(run_dir), resume="allow", offline=offline and not disabled,
