@@ -162,6 +162,10 @@ def test_forced_online_that_cannot_go_online_is_a_clear_error_at_once(no_wandb_l
                                          r"logger.offline=null.*logger=csv"):
         make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False)
     assert time.perf_counter() - t0 < 5
+    from lightning.pytorch.utilities import rank_zero_only
+    with monkeypatch.context() as m:  # other DDP ranks log nothing: no check that could fail on one rank alone
+        m.setattr(rank_zero_only, "rank", 1)
+        assert make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False) is not None
     monkeypatch.setenv("WANDB_MODE", "offline")  # the environment's explicit offline mode still wins
     assert make_logger("wandb", run_dir=str(no_wandb_login / "run"), offline=False) is not None
 

@@ -192,6 +192,11 @@ def _new_hyperparameters(params: Mapping[str, Any], run_config: Mapping[str, Any
     return new
 
 
+def _global_rank() -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+    return getattr(rank_zero_only, "rank", 0)
+
+
 def _run_config_wandb_logger():
     """Lightning's WandbLogger, except that with a run config (the full resolved Hydra config, given to
     wandb.init as its config) the module's hyperparameters Lightning logs at fit start add only what the
@@ -253,8 +258,9 @@ def make_logger(kind: str, run_dir: str, run_config: Mapping[str, Any] | None = 
             from lightning.pytorch.utilities import rank_zero_warn
             rank_zero_warn(f"[sgm_lightning] W&B logs offline: {why}. The run stays in {run_dir}/wandb; upload "
                            f"it with `wandb sync {run_dir}/wandb/offline-run-*`")
-    elif not offline and (why := wandb_offline_reason()) and not why.startswith("WANDB_MODE"):
+    elif not offline and _global_rank() == 0 and (why := wandb_offline_reason()) and not why.startswith("WANDB_MODE"):
         # forced online without a key failed at the first log, without an answer after ~100 s, inside fit
+        # (rank 0 only: the other ranks log nothing, and one failing alone would leave the others waiting)
         raise ValueError(f"logger.offline=false makes W&B log online, but {why}: fix that, or let the run go "
                          "offline when it cannot go online (logger.offline=null), or use logger=csv")
     disabled = os.environ.get("WANDB_MODE", "").lower() == "disabled"  # the user's "no W&B at all" stays so
