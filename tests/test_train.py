@@ -106,6 +106,19 @@ def test_resume_continues_step_and_wandb_run(trained):
     assert len(runs) == 2 and all(r.endswith(trained["run_id"]) for r in runs)
 
 
+def test_wandb_config_is_the_nested_hydra_config_with_hyperparameters_once(trained):
+    """The run's W&B config is the resolved Hydra config, nested by group; the module's hyperparameters
+    Lightning logs at fit start added every model.* setting again flat at the top level (and all groups
+    again under ``config``): now only what the Hydra config lacks (data_shape, the net resolved from the data)."""
+    records = wandb_records(trained["run_dir"])
+    config = [r["run"]["config"]["update"] for r in records if r["type"] == "run"][0]
+    assert config["model"]["ema_decay"] == 0.9999 and config["sde"]["_target_"].endswith("VPSDE")
+    assert config["trainer"]["max_steps"] == 4 and config["logger"]["kind"] == "wandb"
+    for update in (r["config"]["update"] for r in records if r["type"] == "config"):
+        assert not set(update) & (set(config["model"]) | {"config", "seed"}), sorted(update)
+        assert update["net"]["in_channels"] == 1 and update["data_shape"] == [1, 8, 8]
+
+
 def test_sample_cli_all_methods(trained, tmp_path):
     ckpt = os.path.join(trained["run_dir"], "checkpoints", "last.ckpt")
     methods = ["pc", "ddpm", "ddim", "ode", "heun"]
