@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
                                run_cli, validate_train_config)
+from sgm_lightning.launch import check_shared_run_dir
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -84,6 +85,7 @@ def train(cfg: DictConfig):
     from sgm_lightning.training.lit_module import ScoreLitModule
 
     check_settings(cfg)
+    check_shared_run_dir("train.py")  # torchrun / srun: one run dir for every rank
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

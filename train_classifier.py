@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import ConfigError, build, plain, resolve_ckpt_path, run_cli
+from sgm_lightning.launch import check_shared_run_dir
 
 
 def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
@@ -58,6 +59,7 @@ def train_classifier(cfg: DictConfig):
 
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
+    check_shared_run_dir("train_classifier.py")  # torchrun / srun: one run dir for every rank
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

@@ -352,14 +352,13 @@ def build(node: Any, **kwargs) -> Any:
 
 def inherit_wandb_id(ckpt: Optional[str], run_dir: str) -> None:
     """Resuming another run dir's checkpoint continues that run's W&B run (same id)."""
-    from sgm_lightning.training.loggers import RUN_ID_FILE
+    from sgm_lightning.training.loggers import RUN_ID_FILE, run_id_for
     if ckpt is None or os.path.exists(os.path.join(run_dir, RUN_ID_FILE)):
         return
     src = os.path.join(os.path.dirname(os.path.dirname(ckpt)), RUN_ID_FILE)
-    if os.path.exists(src):
-        os.makedirs(run_dir, exist_ok=True)
-        with open(src) as f, open(os.path.join(run_dir, RUN_ID_FILE), "w") as g:
-            g.write(f.read())
+    if os.path.exists(src):  # created atomically: every rank of a torchrun start runs this at once
+        with open(src) as f:
+            run_id_for(run_dir, new_id=f.read().strip())
 
 
 # ---------------------------------------------------------------------------- error printer

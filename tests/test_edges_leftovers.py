@@ -117,3 +117,43 @@ def test_required_group_null_is_one_error_line_from_the_cli(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("Error: net=null: a run needs a net config"), proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+                                 {"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}])
+def test_external_launchers_need_one_run_dir_for_all_ranks(tmp_path, env):
+    """Under torchrun / srun each rank runs Hydra itself and took its own time-stamped run dir (README's own
+    torchrun lines): other nodes' ranks never saw rank 0's checkpoints, and ckpt_path=last resumed
+    different states on different ranks. The launcher is recognised from its environment and the run
+    dir must be given; checked before anything is built."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "logger=none", "hydra.output_subdir=null"],
+                          cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("Error: ") and "hydra.run.dir=outputs/ddp_run1" in proc.stderr, proc.stderr
+    assert not any(p.name.endswith(".ckpt") for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_shared_run_dir_trains_and_resumes(tmp_path):
+    """README's torchrun line with hydra.run.dir: 2 CPU ranks (gloo) train, write one run dir, resume."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "logger=csv",
+           "data.batch_size=64", "net.base_channels=8", "net.channel_mults=[1]", "net.num_groups=4",
+           "callbacks.samples=null", "trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path}"]
+    for steps, extra in ((2, []), (3, ["ckpt_path=last"])):
+        proc = subprocess.run([*cmd, f"trainer.max_steps={steps}", *extra], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"[train] done at step {steps}; run dir: {tmp_path}" in proc.stdout
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -206,3 +206,34 @@ def test_an_online_run_keeps_wandbs_messages_with_the_dashboard_url(no_wandb_log
     assert not logger._offline and "WANDB_SILENT" not in os.environ
     assert make_logger("wandb", run_dir=str(no_wandb_login / "offline"), offline=True)._offline
     assert os.environ["WANDB_SILENT"] == "true"
+
+
+def _inherit_as_a_rank(ckpt, run_dir, barrier, queue):
+    from sgm_lightning.cli import inherit_wandb_id
+    from sgm_lightning.training.loggers import run_id_for
+    barrier.wait()
+    inherit_wandb_id(ckpt, run_dir)
+    queue.put(run_id_for(run_dir))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_ranks_resuming_another_run_dirs_checkpoint_all_continue_its_wandb_run(tmp_path):
+    """Resuming another run dir's checkpoint copies its W&B id; every rank did it with a plain open('w'),
+    so a rank could read the half-written (empty) file and draw a new id. The copy is now created
+    atomically, like a new id."""
+    from sgm_lightning.training.loggers import RUN_ID_FILE
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / RUN_ID_FILE).write_text("abcd1234\n")
+    ckpt = str(old / "checkpoints" / "last.ckpt")
+    ctx = mp.get_context("fork")
+    for i in range(10):
+        run_dir = str(tmp_path / f"new{i}")
+        barrier, queue = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_inherit_as_a_rank, args=(ckpt, run_dir, barrier, queue)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [queue.get(timeout=5) for _ in procs] == ["abcd1234"] * 4
+        assert sorted(os.listdir(run_dir)) == [RUN_ID_FILE]

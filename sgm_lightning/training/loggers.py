@@ -111,8 +111,9 @@ def wandb_should_be_offline() -> bool:
     return bool(wandb_offline_reason())
 
 
-def run_id_for(run_dir: str) -> str:
-    """The W&B run id of ``run_dir`` (read from RUN_ID_FILE, created on first use).
+def run_id_for(run_dir: str, new_id: str | None = None) -> str:
+    """The W&B run id of ``run_dir`` (read from RUN_ID_FILE, created on first use with ``new_id``, by
+    default a fresh random one).
 
     All processes of a run get the same id: under torchrun / SLURM every rank builds its logger at the
     same time, and each wrote its own new id when none had found the file yet (the file could then hold
@@ -126,7 +127,7 @@ def run_id_for(run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "w") as f:
-        f.write(uuid.uuid4().hex[:8] + "\n")
+        f.write((new_id or uuid.uuid4().hex[:8]) + "\n")
     try:
         try:
             os.link(tmp, path)
