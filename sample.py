@@ -7,7 +7,8 @@ mode is an error):
   (a call never overwrites an earlier one's files: when they exist it writes ``<method>-v1_grid.png``, ...)
   (``images``: uint8 N x H x W x C for image data, ``samples``: the raw float samples, ``settings``: a
   JSON string of the call; ``labels`` for class-conditional checkpoints, ``guidance_scale=...
-  class_label=...``);
+  class_label=...``, and for classifier guidance of any checkpoint by a ``train_classifier.py`` run,
+  ``classifier_ckpt=... classifier_scale=... class_label=...``);
 * ``eval``: FID (or another Fréchet distance) of ``eval.num_samples`` samples (docs/evaluation.md);
 * ``task``: ``task=inpaint|colorize|superres|deblur`` restores images of the training data
   (docs/inverse.md; ``task=superres task_method=sr3`` for a checkpoint trained on SR3 pairs);
