@@ -285,14 +285,15 @@ def test_documented_train_overrides_compose_and_build(overrides, build, tmp_path
 @pytest.mark.parametrize("config,overrides", [p for p in OVERRIDES if p.values[0] == "sample"])
 def test_documented_sample_overrides_compose_and_validate(config, overrides):
     """With ``ckpt_path`` and the mode the options belong to (``task_options=...`` -> ``mode=task``)."""
-    from sgm_lightning.cli import SAMPLE_MODES, validate_sample_config
+    from sgm_lightning.cli import SAMPLE_MODES, plain, validate_sample_config
     tops = {o.lstrip("+~").split("=")[0].split(".")[0] for o in overrides}
     mode = next((m for m, keys in SAMPLE_MODES.items() if tops & set(keys) and m != "grid"), None)
     extra = ["ckpt_path=X"] + ([f"mode={mode}"] if mode and "mode" not in tops else [])
     if (mode == "task" or "mode=task" in overrides) and "task" not in tops:
         extra.append("task=inpaint")
     cfg = compose_config("sample", [*overrides, *extra])
-    validate_sample_config(cfg, _sample_defaults())
+    if validate_sample_config(cfg, _sample_defaults()) in ("grid", "eval") and tops & {"method", "options"}:
+        _check_sampler_options(str(cfg.method), cfg.steps, plain(cfg.options))
 
 
 _CONFIG_KEY = re.compile(r"(?<![\w./<])((?:model|trainer|callbacks|data|loss|net|sde|optim|lr_schedule|logger|metrics"
@@ -345,3 +346,48 @@ def test_documented_clip_and_nan_guard_settings_reach_their_objects(tmp_path):
     default = build(compose_config("train", [f"run_dir={tmp_path}"]).trainer, logger=False, callbacks=[],
                     enable_progress_bar=False)
     assert default.gradient_clip_algorithm == "norm"
+
+
+def test_readme_config_table_lists_every_option_and_the_defaults():
+    """README's table of config groups: every file of configs/<group>/ is listed, every listed name is a
+    file, and the option marked "(default" is train.yaml's choice."""
+    from omegaconf import OmegaConf
+    with open(os.path.join(REPO, "README.md")) as f:
+        rows = re.findall(r"^\| `(\w+)` \| (.*) \|$", f.read(), re.M)
+    defaults = {k: v for entry in OmegaConf.load(os.path.join(REPO, "configs", "train.yaml")).defaults
+                if not isinstance(entry, str) for k, v in entry.items()}
+    groups = sorted(d for d in os.listdir(os.path.join(REPO, "configs"))
+                    if os.path.isdir(os.path.join(REPO, "configs", d)))
+    assert sorted(g for g, _ in rows) == groups
+    for group, cell in rows:
+        files = {n[:-5] for n in os.listdir(os.path.join(REPO, "configs", group)) if n.endswith(".yaml")}
+        names = re.findall(r"`(\w+)`", cell.split(" (keys:")[0])
+        assert files <= set(names), f"{group}: {sorted(files - set(names))} not in README's table"
+        listed = [n for n in names if n in files]
+        assert len(listed) == len(files), f"{group}: {names}"
+        marked = re.findall(r"`(\w+)` \(default(?:\)|;| run)", cell)  # not "(default + FID ...)"
+        if marked:
+            assert marked == [defaults[group]], f"{group}: README says {marked}, train.yaml {defaults[group]}"
+
+
+def test_documented_sampler_lists_and_defaults_match_the_code():
+    """README's sampler paragraph and configs/sample.yaml's comment name every method of METHODS and every
+    predictor / corrector / SDE solver / grid they list exists; the stated defaults are the code's."""
+    from sgm_lightning.sampling import default_steps
+    from sgm_lightning.samplers import CORRECTORS, GRIDS, METHODS, SDE_SOLVERS
+    from sgm_lightning.sde import VPSDE
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    para = readme[readme.index("Samplers: `pc`"):readme.index("For few steps use")]
+    named = set(re.findall(r"`(\w+)`", para))
+    assert set(METHODS) <= named, sorted(set(METHODS) - named)
+    assert set(re.findall(r"`corrector` = (`\w+`(?: \| `\w+`)*)", para)[0].replace("`", "").split(" | ")) == set(CORRECTORS)
+    assert set(re.findall(r"`solver` =\s+(`\w+`(?: \|\s+`\w+`)*)", para)[-1].replace("`", "").split()) - {"|"} \
+        == set(SDE_SOLVERS)
+    assert set(re.findall(r"`grid` =\s+(`\w+`(?: \|\s+`\w+`)*)", para)[0].replace("`", "").split()) - {"|"} == set(GRIDS)
+    with open(os.path.join(REPO, "configs", "sample.yaml")) as f:
+        comment = re.search(r"^method: (\w+) +# (.*)$", f.read(), re.M)
+    assert set(re.findall(r"\w+", comment.group(2))) == set(METHODS)
+    # "default `unipc` with 10 steps" (README), "unipc: 10 NFE" (sample.yaml)
+    assert comment.group(1) == "unipc" and "default `unipc` with 10 steps" in readme
+    assert default_steps("unipc", VPSDE()) == 10
