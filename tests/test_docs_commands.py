@@ -22,7 +22,7 @@ from conftest import REPO, compose_config, load_script
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _SPAN = re.compile(r"`([^`]+)`")  # a span may run over a line break (not a blank line)
-_COMMAND = re.compile(r"\bpython (train|sample)\.py\b")
+_COMMAND = re.compile(r"\b(?:python|torchrun(?: --\S+)*) (train|sample)\.py\b")
 _ASSIGN = re.compile(r'^([A-Za-z_]\w*)="([^"]*)"\s*$')
 
 
@@ -253,13 +253,16 @@ def _kind(override: str) -> str:
 
 def _train_bins(params: list) -> list:
     """The train.py inline overrides, packed into few configs (composing is slow): at most one override of
-    each kind (``_kind``) per config. A group choice of ``net`` or ``data`` (``net=noise_free_mlp`` needs
-    1-D data) is composed on its own and not built."""
+    each kind (``_kind``) per config. A group choice of ``experiment`` is composed and built on its own, one
+    of ``net`` or ``data`` (``net=noise_free_mlp`` needs 1-D data) composed on its own and not built."""
     bins, alone = [], []
+    commands = {tuple(o for o in c.values[1] if not o.startswith("hydra.")) for c in COMMANDS if c.values[0] == "train"}
     for p in params:
         overrides = [x for o in p.values[1] for x in _expand_placeholders("train", o)]
-        if any(re.match(r"(net|data)=", o) for o in overrides):
-            alone.append(pytest.param(overrides, False, id=p.id))
+        if tuple(overrides) in commands:  # `experiment=sr3_digits`: a documented command, built above
+            continue
+        if any(re.match(r"(net|data|experiment)=", o) for o in overrides):
+            alone.append(pytest.param(overrides, overrides[0].startswith("experiment="), id=p.id))
             continue
         kinds = {_kind(o) for o in overrides}
         target = next((b for b in bins if not b[0] & kinds), None)
