@@ -156,19 +156,24 @@ def _build_train_parts(cfg) -> None:
     import lightning as L
     from sgm_lightning.cli import build, net_config, plain, validate_train_config
     from sgm_lightning.evaluation.features import InceptionWeightsNotFoundError
+    from sgm_lightning.training.lit_module import ScoreLitModule
 
     _train_script().check_settings(cfg)
     datamodule = build(cfg.data)  # constructors read no data
     shape = tuple(datamodule.data_shape)
     net_cfg = net_config(cfg, shape, getattr(datamodule, "num_classes", None), getattr(datamodule, "cond_shape", None))
     validate_train_config({**plain(cfg), "net": net_cfg}, data_shape=shape)
+    _train_script()._check_net_takes_classes(net_cfg)
     with torch.device("meta"):
-        build(net_cfg)
+        net = build(net_cfg)
     sde = build(cfg.sde)
-    build(cfg.loss, sde=sde)
-    optimizer = build(cfg.optim, _convert_="all")([torch.nn.Parameter(torch.zeros(2))])
-    if cfg.get("lr_schedule"):
-        build(cfg.lr_schedule)(optimizer)
+    loss = build(cfg.loss, sde=sde)
+    optimizer = build(cfg.optim, _convert_="all")
+    lr_scheduler = build(cfg.lr_schedule) if cfg.get("lr_schedule") else None
+    model_kwargs = plain(cfg.model)
+    model_kwargs.pop("class_conditional", None)  # the module checks compile / EMA / optimizer settings
+    ScoreLitModule(net=net, sde=sde, loss=loss, **model_kwargs, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                   data_shape=shape, seed=int(cfg.seed))
     if cfg.get("logger") and "_target_" in cfg.logger:
         build(cfg.logger, _partial_=True)
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -323,10 +328,11 @@ def doc_config_keys() -> list:
 
 
 def test_documented_config_keys_exist():
-    """Each dotted key the docs name exists in train.yaml (with callbacks=fid) or sample.yaml, so that
+    """Each dotted key the docs name exists in train.yaml (with callbacks=fid) or sample.yaml (either metrics), so that
     ``key=value`` overrides it (a missing key needs ``+key=`` and fails with 'Could not override')."""
     from omegaconf import OmegaConf
-    configs = [compose_config("train", ["run_dir=/tmp", "callbacks=fid"]), compose_config("sample", [])]
+    configs = [compose_config("train", ["run_dir=/tmp", "callbacks=fid"]), compose_config("sample", ["metrics=randproj"]),
+               compose_config("sample", [])]
     keys = doc_config_keys()
     assert len(keys) >= 20
     missing = [p.id for p in keys
