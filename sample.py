@@ -40,7 +40,9 @@ def sample_main(cfg: DictConfig) -> dict:
                                    validate_sample_config)
     from sgm_lightning.training.lit_module import load_from_sgm_checkpoint
 
-    mode = validate_sample_config(cfg, config_defaults(CONFIG_DIR, "sample"))
+    defaults = config_defaults(CONFIG_DIR, "sample")
+    mode = validate_sample_config(cfg, defaults)
+    _refuse_ignored(cfg, mode, defaults)
     cfg.ckpt_path = sample_checkpoint(cfg.ckpt_path)  # a run dir -> its checkpoints/last.ckpt
     device = _device(str(cfg.device))
     module = load_from_sgm_checkpoint(str(cfg.ckpt_path), map_location=device)
@@ -58,6 +60,24 @@ def sample_main(cfg: DictConfig) -> dict:
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
+
+
+def _refuse_ignored(cfg, mode: str, defaults: dict) -> None:
+    """Options every mode reads, except these: ``mode=task`` restores all ``num_samples`` images in one
+    batch with the solver of ``task_method`` (an SR3 checkpoint takes ``method`` / ``options`` as its
+    sampler); ``mode=interpolate`` integrates the PF-ODE (``options``: its solver) in one batch. They were
+    silently ignored."""
+    from sgm_lightning.cli import ConfigError
+    ignored = {"task": ("batch_size",) + (() if cfg.task_method == "sr3" else ("method", "options")),
+               "interpolate": ("batch_size", "method")}.get(mode, ())
+    for key in ignored:
+        if plain({key: cfg.get(key)}) != plain({key: defaults.get(key)}):
+            how = {"method": " (it runs its own reverse process; its settings go in task_options, docs/inverse.md)"
+                   if mode == "task" else " (it always integrates the probability-flow ODE; solver options go in "
+                   "options={solver: rk45, rtol: ...})", "options": ": solver settings go in task_options",
+                   "batch_size": ": it processes all its images in one batch"}[key]
+            given = f"task_method={cfg.task_method}" if mode == "task" else f"mode={mode}"
+            raise ConfigError(f"{key}={cfg.get(key)} is not used by {given}{how}; drop {key}")
 
 
 def _device(name: str):
@@ -248,10 +268,22 @@ def _task(cfg, module, out_dir: str) -> dict:
                 raise ValueError(f"task_options.{key}={value!r}, but this SR3 checkpoint was trained on pairs with "
                                  f"{key}={trained[key]!r}: drop task_options.{key} (it is read from the checkpoint)")
         task_options = {**trained, **task_options}
+        if cfg.method != _default_method():  # the SR3 sampler: method= as task_options.sampler
+            if task_options.get("sampler", cfg.method) != cfg.method:
+                raise ValueError(f"method={cfg.method} and task_options.sampler={task_options['sampler']} disagree: "
+                                 "give the SR3 sampler once")
+            task_options["sampler"] = str(cfg.method)
+        task_options = {**plain(cfg.options), **task_options}  # the SR3 sampler's options
     return restore_dataset_images(module, _stored_datamodule(module, cfg), task=str(cfg.task),
                                   method=str(cfg.task_method), num_images=int(cfg.num_samples),
                                   steps=int(cfg.steps or 100), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
                                   out_dir=out_dir, settings=settings, **task_options)
+
+
+def _default_method() -> str:
+    """``method``'s value in configs/sample.yaml."""
+    from sgm_lightning.cli import config_defaults
+    return config_defaults(CONFIG_DIR, "sample")["method"]
 
 
 def _interpolate(cfg, module, out_dir: str) -> dict:

@@ -157,3 +157,52 @@ def test_torchrun_with_a_shared_run_dir_trains_and_resumes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"[train] done at step {steps}; run dir: {tmp_path}" in proc.stdout
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("mode, extra", [
+    (["mode=task", "task=inpaint", "task_method=dps"], "method=ddim"),
+    (["mode=task", "task=inpaint", "task_method=replacement"], "options={eta: 1.0}"),
+    (["mode=task", "task=inpaint", "task_method=dps"], "batch_size=1"),
+    (["mode=interpolate"], "method=ddim"),
+    (["mode=interpolate"], "batch_size=1"),
+])
+def test_options_a_mode_would_ignore_are_refused(tmp_path, capsys, mode, extra):
+    """sample.py mode=task ran DPS / replacement / RePaint with its own sampler whatever method= or options=
+    said, and mode=task / interpolate ignored batch_size: a run that looked configured was not."""
+    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = instantiate(SDE)
+    module = ScoreLitModule(net=instantiate(NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            config={"net": NET, "sde": SDE, "loss": LOSS, "data": DATA})
+    ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
+    size = ["num_samples=2"] if "mode=task" in mode else []
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={ckpt}", "steps=2", *size, *mode, extra)
+    key = extra.split("=")[0]
+    assert code == 2 and err.startswith(f"Error: {key}=") and f"drop {key}" in err, err
+
+
+def test_sr3_takes_method_and_options_as_its_sampler(tmp_path, capsys):
+    """For task_method=sr3, method= and options= were ignored (the SR3 sampler stayed ddpm): they now pick
+    the sampler, like task_options.sampler (unipc with 3 steps: NFE 3; ddim eta=1: NFE 3 and other images)."""
+    import json
+
+    from test_sr3 import LOSS, SDE, SR_DATA, SR_NET, write_checkpoint
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = instantiate(SDE)
+    torch.manual_seed(0)
+    module = ScoreLitModule(net=instantiate(SR_NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            config={"net": SR_NET, "sde": SDE, "loss": LOSS, "data": SR_DATA})
+    ckpt = write_checkpoint(module, tmp_path / "last.ckpt")
+    base = [f"ckpt_path={ckpt}", "mode=task", "task=superres", "task_method=sr3", "steps=3", "num_samples=2"]
+    runs = {}
+    for name, extra in (("ddpm", []), ("ddim0", ["method=ddim"]), ("ddim1", ["method=ddim", "options={eta: 1.0}"])):
+        res, err = run_sample(tmp_path / name, capsys, *base, *extra)
+        assert isinstance(res, dict), err
+        runs[name] = json.load(open(res["metrics"]))
+    assert {k: v["nfe"] for k, v in runs.items()} == {"ddpm": 3, "ddim0": 3, "ddim1": 3}
+    assert len({v["psnr_mean"] for v in runs.values()}) == 3  # three different samplers
+    code, err = run_sample(tmp_path / "x", capsys, *base, "method=ddim", "task_options={sampler: ddpm}")
+    assert code == 2 and "disagree" in err, err
