@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sgm_lightning.training.data.ranges import check_data_range
-from sgm_lightning.training.data.sampler import ResumableBatchSampler
+from sgm_lightning.training.data.sampler import EpochKeyedBatches, EpochSeededDataset, ResumableBatchSampler
 from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class BaseDataModule(L.LightningDataModule):
             )
         return b // ws
 
-    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
+    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler | EpochKeyedBatches,
                 generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -183,8 +183,9 @@ class BaseDataModule(L.LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches; random augmentations are seeded per (seed, epoch, example) (data/sampler.py)."""
         sampler = self.train_batch_sampler()  # runs setup()
-        return self._loader(self.train_dataset, sampler)
+        return self._loader(EpochSeededDataset(self.train_dataset, self.seed), EpochKeyedBatches(sampler))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (dataset order, sharded over ranks); an empty list when there is no
