@@ -82,3 +82,23 @@ def test_train_with_flips_and_workers_resumes_exactly(tmp_path):
     run(tmp_path / "part", "trainer.max_steps=3", *workers)
     _same_run(full, run(tmp_path / "part", "trainer.max_steps=5", "ckpt_path=last", *workers))
     _same_run(full, run(tmp_path / "none", "trainer.max_steps=5", *data, "data.num_workers=0"))
+
+
+def test_too_small_training_set_errors_say_what_to_change():
+    """A global batch larger than the training set, or a val_fraction that holds out every example, stopped
+    the run with an error that named the problem but not the setting to change."""
+    from types import SimpleNamespace
+
+    from sgm_lightning.training.data import DigitsDataModule, ToyDataModule
+
+    with pytest.raises(ValueError, match=r"batch_size=2048 \(global\) is larger than the training set \(1707 "
+                                         r"examples.*val_fraction=0.05.*use batch_size<=1707"):
+        DigitsDataModule(batch_size=2048).train_dataloader()
+    dm = ToyDataModule(n_samples=9, batch_size=12, val_fraction=0.0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=4, current_epoch=0)
+    with pytest.raises(ValueError, match=r"batch_size=12 .*\(9 examples\).*use batch_size<=8 \(a multiple of the "
+                                         r"world size 4\)"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match=r"training set of .* is empty: val_fraction=0.9 holds out all 4 examples"
+                                         r".*smaller val_fraction"):
+        ToyDataModule(n_samples=4, batch_size=2, val_fraction=0.9).setup()

@@ -112,7 +112,10 @@ class BaseDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self._load()
             if len(self.train_dataset) == 0:
-                raise ValueError(f"the training set of {self.dataset_id} is empty")
+                n_val = len(self.val_dataset) if self.val_dataset is not None else 0
+                why = (f": val_fraction={self.val_fraction:g} holds out all {n_val} examples; use a smaller val_fraction"
+                       if self.val_fraction > 0 and n_val > 0 else ": check the data source (root, split)")
+                raise ValueError(f"the training set of {self.dataset_id} is empty{why}")
 
     def _split(self, full: Dataset) -> tuple[Dataset, Dataset | None]:
         """Hold out ``val_fraction`` of ``full`` for validation (deterministic in ``seed``)."""
@@ -166,9 +169,12 @@ class BaseDataModule(L.LightningDataModule):
             len(self.train_dataset), self.per_rank_batch_size(world_size=ws), r, ws, self.seed, shuffle=True, drop_last=True
         )
         if len(sampler) == 0:
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training set ({len(self.train_dataset)} examples)"
-            )
+            n = len(self.train_dataset)
+            held = f" after the validation split val_fraction={self.val_fraction:g}" if self.val_fraction > 0 else ""
+            fit = (f"use batch_size<={n - n % ws}" + (f" (a multiple of the world size {ws})" if ws > 1 else "")
+                   if n >= ws else f"use at least {ws} examples (one per rank) or fewer devices")
+            raise ValueError(f"batch_size={self.batch_size} (global) is larger than the training set ({n} examples{held}): "
+                             f"{fit}, or more training data")
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if self._resume is not None:
             epoch, start = self._resume["epoch"], self._resume["batches_consumed"]
