@@ -102,3 +102,72 @@ def test_too_small_training_set_errors_say_what_to_change():
     with pytest.raises(ValueError, match=r"training set of .* is empty: val_fraction=0.9 holds out all 4 examples"
                                          r".*smaller val_fraction"):
         ToyDataModule(n_samples=4, batch_size=2, val_fraction=0.9).setup()
+
+
+def test_workers_outlive_a_preemption_signal_sent_to_the_whole_job():
+    """SLURM preempts by signalling every process of the job: SIGTERM / SIGUSR1 killed the DataLoader
+    workers, and the training process failed with "DataLoader worker ... is killed by signal" before its
+    preemption checkpoint. Workers now ignore these signals unless the training process sends them."""
+    import signal
+    import subprocess
+
+    from sgm_lightning.training.data import DigitsDataModule
+    from torch.utils.data._utils import signal_handling
+
+    dm = DigitsDataModule(batch_size=256, num_workers=2, persistent_workers=True, val_fraction=0.0)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    first = next(it)
+    workers = list(it._workers)
+    for sig in ("TERM", "USR1"):  # from another process, as a scheduler's
+        subprocess.run(["kill", f"-{sig}", *(str(w.pid) for w in workers)], check=True)
+    rest = list(it)  # (the SIGCHLD handler raised here: the workers were dead)
+    assert len(rest) == len(loader) - 1 and all(w.is_alive() for w in workers)
+    assert torch.equal(torch.cat([first[1], *[y for _, y in rest]]), torch.cat([y for _, y in dm.train_dataloader()]))
+    # the training process itself still ends them with SIGTERM (multiprocessing does at exit)
+    signal_handling._remove_worker_pids(id(it))
+    it._worker_pids_set = False
+    for w in workers:
+        w.terminate()
+        w.join(timeout=10)
+        assert w.exitcode == -signal.SIGTERM
+
+
+@pytest.mark.slow  # ~20 s: a train.py start-up
+def test_train_with_workers_preempted_by_a_job_wide_sigterm_writes_its_checkpoint(tmp_path):
+    """train.py data.num_workers=2, SIGTERM to its whole process group (as a scheduler signals every
+    process of a job): exit code 1 and no preemption checkpoint before; now 143 and last.ckpt at the
+    step the signal ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sgm_lightning.training.checkpoint import load_checkpoint
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    args = ["logger=none", "~callbacks.samples", "data.batch_size=64", "net.base_channels=8", "net.channel_mults=[1]",
+            "net.num_groups=4", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "callbacks.checkpoint.every_n_train_steps=2", "data.num_workers=2", "trainer.max_steps=100000",
+            f"hydra.run.dir={tmp_path}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(repo, "train.py"), *args], cwd=repo, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            t0 = time.time()
+            while (not last.exists() or load_checkpoint(last)["global_step"] < 2) and time.time() - t0 < 240:
+                assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 143, out[-3000:]
+    assert "killed by signal" not in out
+    step = load_checkpoint(last)["global_step"]
+    assert f"checkpoint {last} written at global step {step}; exiting with code 143" in out

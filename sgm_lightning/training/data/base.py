@@ -25,6 +25,8 @@ batch size).
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sgm_lightning.training.data.ranges import check_data_range
 from sgm_lightning.training.data.sampler import EpochKeyedBatches, EpochSeededDataset, ResumableBatchSampler
+from sgm_lightning.training.data.workers import shield_from_preemption
 from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
@@ -154,9 +157,14 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=self._worker_init_fn(),
             # not the global RNG (see data/sampler.py)
             generator=batch_sampler.sampler.loader_generator if generator is None else generator,
         )
+
+    def _worker_init_fn(self):
+        """Workers survive a preemption signal sent to the whole job (data/workers.py)."""
+        return partial(shield_from_preemption, os.getpid()) if self.num_workers > 0 else None
 
     # ------------------------------------------------------------------ dataloaders
     def train_batch_sampler(self, rank: int | None = None, world_size: int | None = None) -> ResumableBatchSampler:
@@ -230,6 +238,7 @@ class BaseDataModule(L.LightningDataModule):
             ds = Subset(ds, list(range(min(int(num_samples), len(ds)))))
         # a private generator: the global RNG (dropout) must not depend on whether statistics were cached
         return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.num_workers,
+                          worker_init_fn=self._worker_init_fn(),
                           generator=torch.Generator().manual_seed(self.seed))
 
     # ------------------------------------------------------------------ checkpointing
