@@ -269,10 +269,18 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(example_seed(self.seed, epoch, index))
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch's examples (what the DataLoader calls): the RNG state is saved and restored once."""
+        state, generator, dataset, seed = torch.get_rng_state(), torch.default_generator, self.dataset, self.seed
         try:
-            return self.dataset[index]
+            items, epoch, base = [], None, 0
+            for e, index in keys:
+                if e != epoch:  # (one epoch per batch: example_seed's outer mix once)
+                    epoch, base = e, _mix64(seed * _EPOCH_STRIDE + e)
+                generator.manual_seed(_mix64((base + index) & _MASK64))
+                items.append(dataset[index])
+            return items
         finally:
             torch.set_rng_state(state)
