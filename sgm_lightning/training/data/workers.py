@@ -10,8 +10,10 @@ instead of 143.
 :func:`shield_from_preemption` (``DataLoader(worker_init_fn=partial(shield_from_preemption, os.getpid()))``)
 makes a worker set these signals aside (it blocks them and takes them in a
 thread with ``sigwaitinfo``): one sent by the worker's parent, the training process, still ends the
-worker as before (``multiprocessing`` terminates daemonic workers with SIGTERM at exit; the
-DataLoader does when a worker does not stop); one from anyone else (the scheduler) is ignored: the
+worker (``multiprocessing`` terminates daemonic workers with SIGTERM at exit; the DataLoader does when
+a worker does not stop), with exit status 0: the DataLoader's SIGCHLD handler, still armed at
+interpreter exit for persistent workers, reports a worker killed by a signal as an error, and the worker
+now dies a moment after the signal, while the parent waits for it; one from anyone else (the scheduler) is ignored: the
 training process got it too, writes its checkpoint and shuts the workers down. Where
 ``signal.sigwaitinfo`` does not exist (macOS, Windows) nothing changes.
 """
@@ -29,10 +31,8 @@ _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if has
 def _take_signals(parent: int, signals: set) -> None:
     while True:
         info = signal.sigwaitinfo(signals)
-        if info.si_pid == parent:  # the training process ends its worker: the signal's default action
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})  # (in this thread only)
-            os.kill(os.getpid(), info.si_signo)
-            os._exit(128 + info.si_signo)  # (not reached)
+        if info.si_pid == parent:  # the training process ends its worker
+            os._exit(0)
 
 
 def shield_from_preemption(parent: int, worker_id: int) -> None:
@@ -41,7 +41,7 @@ def shield_from_preemption(parent: int, worker_id: int) -> None:
     if not hasattr(signal, "sigwaitinfo") or not _SIGNALS:
         return
     signals = set(_SIGNALS)
-    for sig in signals:  # a forked worker inherits the training process's Python handlers: not its business
+    for sig in signals:  # (inherited handlers are the training process's business; an inherited SIG_IGN hid them)
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # (threads started later inherit the mask)
     threading.Thread(target=_take_signals, args=(int(parent), signals), daemon=True,
