@@ -52,7 +52,7 @@ def _mix64(x: int) -> int:
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
-    """The torch RNG seed under which example ``index`` is loaded in ``epoch`` (distinct for every triple)."""
+    """The torch RNG seed under which example ``index`` is loaded in ``epoch`` (distinct within an epoch)."""
     return _mix64((_mix64(int(seed) * _EPOCH_STRIDE + int(epoch)) + int(index)) & _MASK64)
 
 
