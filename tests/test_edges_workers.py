@@ -173,3 +173,25 @@ def test_train_with_workers_preempted_by_a_job_wide_sigterm_writes_its_checkpoin
     assert "killed by signal" not in out
     step = load_checkpoint(last)["global_step"]
     assert f"checkpoint {last} written at global step {step}; exiting with code 143" in out
+
+
+def test_parquet_with_string_labels_says_how_to_encode_them(tmp_path):
+    """A Parquet (or save_to_disk) dataset whose label column holds strings ("cat", "dog": pandas writes
+    them so) failed with "invalid literal for int() with base 10: 'dog'"; the error now names the
+    column and the ways out. Integer labels that are not a ClassLabel still count max + 1 classes."""
+    import datasets
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((4, 4), 5 * i, dtype=np.uint8)) for i in range(4)]
+    for kind, labels, feature in (("str", ["cat", "dog", "cat", "bird"], datasets.Value("string")),
+                                  ("int", [0, 3, 1, 3], datasets.Value("int64"))):
+        ds = datasets.Dataset.from_dict({"image": imgs, "label": labels},
+                                        features=datasets.Features({"image": datasets.Image(), "label": feature}))
+        (tmp_path / kind).mkdir()
+        ds.to_parquet(str(tmp_path / kind / "train.parquet"))
+    dm = HFImageDataModule(name="parquet", root=str(tmp_path / "int"), batch_size=2, cache_dir=str(tmp_path / "c"))
+    assert dm.num_classes == 4
+    dm = HFImageDataModule(name="parquet", root=str(tmp_path / "str"), batch_size=2, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"label column 'label' .*string.* class ids.*class_encode_column\('label'\)"
+                                         r".*label_key"):
+        dm.setup()
