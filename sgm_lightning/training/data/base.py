@@ -25,6 +25,8 @@ batch size).
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -32,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sgm_lightning.training.data.ranges import check_data_range
-from sgm_lightning.training.data.sampler import ResumableBatchSampler
+from sgm_lightning.training.data.sampler import EpochKeyedBatches, EpochSeededDataset, ResumableBatchSampler
+from sgm_lightning.training.data.workers import shield_from_preemption
 from sgm_lightning.utils import check_int
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,10 @@ class BaseDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self._load()
             if len(self.train_dataset) == 0:
-                raise ValueError(f"the training set of {self.dataset_id} is empty")
+                n_val = len(self.val_dataset) if self.val_dataset is not None else 0
+                why = (f": val_fraction={self.val_fraction:g} holds out all {n_val} examples; use a smaller val_fraction"
+                       if self.val_fraction > 0 and n_val > 0 else ": check the data source (root, split)")
+                raise ValueError(f"the training set of {self.dataset_id} is empty{why}")
 
     def _split(self, full: Dataset) -> tuple[Dataset, Dataset | None]:
         """Hold out ``val_fraction`` of ``full`` for validation (deterministic in ``seed``)."""
@@ -143,7 +149,7 @@ class BaseDataModule(L.LightningDataModule):
             )
         return b // ws
 
-    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
+    def _loader(self, dataset: Dataset, batch_sampler: ResumableBatchSampler | EpochKeyedBatches,
                 generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -151,9 +157,14 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=self._worker_init_fn(),
             # not the global RNG (see data/sampler.py)
             generator=batch_sampler.sampler.loader_generator if generator is None else generator,
         )
+
+    def _worker_init_fn(self):
+        """Workers survive a preemption signal sent to the whole job (data/workers.py)."""
+        return partial(shield_from_preemption, os.getpid()) if self.num_workers > 0 else None
 
     # ------------------------------------------------------------------ dataloaders
     def train_batch_sampler(self, rank: int | None = None, world_size: int | None = None) -> ResumableBatchSampler:
@@ -166,9 +177,12 @@ class BaseDataModule(L.LightningDataModule):
             len(self.train_dataset), self.per_rank_batch_size(world_size=ws), r, ws, self.seed, shuffle=True, drop_last=True
         )
         if len(sampler) == 0:
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training set ({len(self.train_dataset)} examples)"
-            )
+            n = len(self.train_dataset)
+            held = f" after the validation split val_fraction={self.val_fraction:g}" if self.val_fraction > 0 else ""
+            fit = (f"use batch_size<={n - n % ws}" + (f" (a multiple of the world size {ws})" if ws > 1 else "")
+                   if n >= ws else f"use at least {ws} examples (one per rank) or fewer devices")
+            raise ValueError(f"batch_size={self.batch_size} (global) is larger than the training set ({n} examples{held}): "
+                             f"{fit}, or more training data")
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if self._resume is not None:
             epoch, start = self._resume["epoch"], self._resume["batches_consumed"]
@@ -183,8 +197,9 @@ class BaseDataModule(L.LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches; random augmentations are seeded per (seed, epoch, example) (data/sampler.py)."""
         sampler = self.train_batch_sampler()  # runs setup()
-        return self._loader(self.train_dataset, sampler)
+        return self._loader(EpochSeededDataset(self.train_dataset, self.seed), EpochKeyedBatches(sampler))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (dataset order, sharded over ranks); an empty list when there is no
@@ -223,6 +238,7 @@ class BaseDataModule(L.LightningDataModule):
             ds = Subset(ds, list(range(min(int(num_samples), len(ds)))))
         # a private generator: the global RNG (dropout) must not depend on whether statistics were cached
         return DataLoader(ds, batch_size=int(batch_size), shuffle=False, num_workers=self.num_workers,
+                          worker_init_fn=self._worker_init_fn(),
                           generator=torch.Generator().manual_seed(self.seed))
 
     # ------------------------------------------------------------------ checkpointing

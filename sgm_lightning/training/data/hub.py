@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sgm_lightning.training.data.base import NO_LABEL, BaseDataModule, split_indices
+from sgm_lightning.training.data.labels import hf_num_classes
 from sgm_lightning.training.data.ranges import check_data_range, from_unit, to_unit
 from sgm_lightning.utils import check_int
 
@@ -256,8 +257,7 @@ class HFImageDataModule(BaseDataModule):
         elif self.label_key not in cols:
             raise ValueError(f"label_key={self.label_key!r} is not a column of {self.hub_id!r}; columns: {cols}")
         if self._num_classes is None and self.label_key is not None:
-            feat = ds.features[self.label_key]
-            self._num_classes = int(feat.num_classes) if isinstance(feat, datasets.ClassLabel) else int(max(ds[self.label_key])) + 1
+            self._num_classes = hf_num_classes(ds, self.label_key, self.hub_id)
         if self._channels is None or self._image_size is None:
             first = ds[0][self.image_key]
             self._channels = self._channels or (1 if is_grey(first.mode) else 3)

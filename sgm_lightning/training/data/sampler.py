@@ -17,6 +17,15 @@ Every new ``DataLoader`` iterator (one per epoch) draws its workers' base seed f
 ``EpochPermutation.loader_generator`` is the generator to pass instead: reseeded from
 (seed, epoch) in ``set_epoch``, it keeps the global RNG out of data loading and makes worker seeds
 a function of the epoch.
+
+Random augmentations (``random_flip``, a torchvision transform in a ``MapDataModule`` dataset) draw from
+torch's CPU RNG inside ``Dataset.__getitem__``, i.e. from the worker's stream (seeded once per worker, so
+the draws depended on the number of workers, on which worker loaded which batch and on where a resumed
+run restarted them) or, without workers, from the global stream that dropout uses. The training loader
+therefore reads :class:`EpochSeededDataset` through :class:`EpochKeyedBatches`: each example is fetched
+with torch's CPU RNG seeded from (seed, epoch, index) only, and the caller's RNG state put back after, so
+augmentations are the same for any number of workers or ranks and after any resume. (Only torch's RNG:
+Python's ``random`` and NumPy's streams stay per worker.)
 """
 
 from __future__ import annotations
@@ -25,11 +34,26 @@ import math
 from typing import Iterator
 
 import torch
+from torch.utils.data import Dataset
 
 from sgm_lightning.utils import check_int
 
 # (seed, epoch) are combined into one generator seed; the multiplier keeps (s, e) pairs apart.
 _EPOCH_STRIDE = 1_000_003
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele et al. 2014): a bijection of 64-bit integers that decorrelates nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch RNG seed under which example ``index`` is loaded in ``epoch`` (distinct within an epoch)."""
+    return _mix64((_mix64(int(seed) * _EPOCH_STRIDE + int(epoch)) + int(index)) & _MASK64)
 
 
 class EpochPermutation:
@@ -215,3 +239,48 @@ class ResumableBatchSampler:
         start = self._start if self._start_epoch == self.epoch else 0
         self._start_epoch, self._start = None, 0  # one-shot: later passes start at batch 0
         yield from self.epoch_batches()[start:]
+
+
+class EpochKeyedBatches:
+    """The batches of a :class:`ResumableBatchSampler` as lists of ``(epoch, index)`` keys of
+    :class:`EpochSeededDataset`; ``.sampler`` is the wrapped one's (Lightning calls its ``set_epoch``)."""
+
+    def __init__(self, batches: ResumableBatchSampler):
+        self.batches = batches
+        self.sampler = batches.sampler
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches:  # (the epoch is read once the first batch is drawn, as in ResumableBatchSampler)
+            epoch = self.batches.epoch
+            yield [(epoch, i) for i in batch]
+
+
+class EpochSeededDataset(Dataset):
+    """``dataset[index]`` for the key ``(epoch, index)``, fetched with torch's CPU RNG seeded with
+    :func:`example_seed` ``(seed, epoch, index)``; the RNG state before the call is restored after it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch's examples (what the DataLoader calls): the RNG state is saved and restored once."""
+        state, generator, dataset, seed = torch.get_rng_state(), torch.default_generator, self.dataset, self.seed
+        try:
+            items, epoch, base = [], None, 0
+            for e, index in keys:
+                if e != epoch:  # (one epoch per batch: example_seed's outer mix once)
+                    epoch, base = e, _mix64(seed * _EPOCH_STRIDE + e)
+                generator.manual_seed(_mix64((base + index) & _MASK64))
+                items.append(dataset[index])
+            return items
+        finally:
+            torch.set_rng_state(state)
