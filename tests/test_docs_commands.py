@@ -192,9 +192,14 @@ def _build_train_parts(cfg) -> None:
         build(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
 
 
+def compose_train(overrides):
+    """train.yaml with ``overrides`` as ``python train.py`` reads them (``group=null`` -> ``~group``)."""
+    return compose_config("train", load_script("train").null_groups_dropped(list(overrides)))
+
+
 @pytest.mark.parametrize("script,overrides", [p for p in COMMANDS if p.values[0] == "train"])
 def test_documented_train_command_composes_and_builds(script, overrides, tmp_path):
-    cfg = compose_config("train", [*overrides, f"run_dir={tmp_path}"])
+    cfg = compose_train([*overrides, f"run_dir={tmp_path}"])
     _build_train_parts(cfg)
 
 
@@ -259,14 +264,16 @@ def _kind(override: str) -> str:
 def _train_bins(params: list) -> list:
     """The train.py inline overrides, packed into few configs (composing is slow): at most one override of
     each kind (``_kind``) per config. A group choice of ``experiment`` is composed and built on its own, one
-    of ``net`` or ``data`` (``net=noise_free_mlp`` needs 1-D data) composed on its own and not built."""
+    of ``net`` or ``data`` (``net=noise_free_mlp`` needs 1-D data) or a ``group=null`` composed on its own and
+    not built."""
     bins, alone = [], []
     commands = {tuple(o for o in c.values[1] if not o.startswith("hydra.")) for c in COMMANDS if c.values[0] == "train"}
     for p in params:
         overrides = [x for o in p.values[1] for x in _expand_placeholders("train", o)]
         if tuple(overrides) in commands:  # `experiment=sr3_digits`: a documented command, built above
             continue
-        if any(re.match(r"(net|data|experiment)=", o) for o in overrides):
+        if any(re.match(r"(net|data|experiment)=", o) or o.endswith("=null") and "." not in o.split("=")[0]
+               for o in overrides):  # a switched-off group (callbacks=null) would clash with its keys' overrides
             alone.append(pytest.param(overrides, overrides[0].startswith("experiment="), id=p.id))
             continue
         kinds = {_kind(o) for o in overrides}
@@ -285,7 +292,7 @@ TRAIN_OVERRIDES = _train_bins([p for p in OVERRIDES if p.values[0] == "train"])
 
 @pytest.mark.parametrize("overrides,build", TRAIN_OVERRIDES)
 def test_documented_train_overrides_compose_and_build(overrides, build, tmp_path):
-    cfg = compose_config("train", [*overrides, f"run_dir={tmp_path}"])
+    cfg = compose_train([*overrides, f"run_dir={tmp_path}"])
     if build:
         _build_train_parts(cfg)
 
@@ -332,7 +339,7 @@ def test_documented_config_keys_exist():
     ``key=value`` overrides it (a missing key needs ``+key=`` and fails with 'Could not override')."""
     from omegaconf import OmegaConf
     configs = [compose_config("train", ["run_dir=/tmp", "callbacks=fid"]), compose_config("sample", ["metrics=randproj"]),
-               compose_config("sample", [])]
+               compose_config("sample", []), compose_config("classifier", ["run_dir=/tmp"])]
     keys = doc_config_keys()
     assert len(keys) >= 20
     missing = [p.id for p in keys
