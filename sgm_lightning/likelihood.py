@@ -18,6 +18,7 @@ discrete n-bit data).
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -161,6 +162,20 @@ def check_likelihood_options(**options) -> None:
                      options)
 
 
+def _solver_option_names(solver: str) -> set[str] | None:
+    """The ``options`` torchdiffeq's ``solver`` takes: the arguments of its solver class (and bases); None
+    when torchdiffeq's layout is not the one this reads."""
+    import importlib
+    import inspect
+    try:
+        cls = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS[solver]
+    except (ImportError, AttributeError, KeyError):  # another torchdiffeq layout: no check
+        return None
+    names = {p for c in cls.__mro__ if "__init__" in c.__dict__
+             for p, v in inspect.signature(c.__init__).parameters.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
+    return names - {"self", "func", "y0", "rtol", "atol"}
+
+
 def _checked_options(sde: SDE | None, trace, eps, probe, n_probes, solver, rtol, atol, steps,
                      solver_options: dict) -> tuple[str, float | None, dict]:
     """Validate ``log_likelihood``'s options; returns (solver, eps, odeint options). ``sde=None``: eps unchecked."""
@@ -177,6 +192,14 @@ def _checked_options(sde: SDE | None, trace, eps, probe, n_probes, solver, rtol,
         eps = sde.default_eps if eps is None else float(eps)
         if not 0.0 <= eps < sde.T:
             raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps!r}")
+    takes = _solver_option_names(solver)
+    unknown = [] if takes is None else sorted(set(solver_options) - takes)
+    if unknown:  # torchdiffeq only warns ("Unexpected arguments") and integrates with its defaults
+        hints = [f"{k!r}: did you mean {c[0]!r}?" for k in unknown
+                 for c in [difflib.get_close_matches(k, ("rtol", "atol", "steps", *takes), 1)] if c]
+        raise ValueError(f"unknown solver option(s) {unknown} for solver={solver!r}"
+                         + (f" ({'; '.join(hints)})" if hints else "") + "; it takes rtol, atol, steps (fixed-grid "
+                         f"solvers) and {', '.join(sorted(takes)) or 'no other options'}")
     grid_options = {"step_size", "grid_constructor"} & set(solver_options)
     if steps is not None:
         if solver not in FIXED_GRID_SOLVERS:

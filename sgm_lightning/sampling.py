@@ -88,6 +88,17 @@ def _hints(unknown: list[str], allowed: tuple[str, ...]) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
+def check_sampler_options(method: str, options) -> None:
+    """The ValueError ``sample(..., method, **options)`` raises for an option ``method`` does not take (with a
+    did-you-mean hint), without a model: callbacks check their sampler settings at construction."""
+    check_choice("method", method, METHODS)
+    allowed = _COMMON + _method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}{_hints(unknown, allowed)}; "
+                         f"allowed options: steps, generator, {', '.join(allowed)}")
+
+
 def _check_shape(shape) -> tuple[int, ...]:
     ok = isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1 and all(
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
@@ -115,11 +126,7 @@ def sample(score_fn, sde: SDE, shape, method: str, steps: int | None = None,
     if not isinstance(sde, SDE):
         raise ValueError(f"sde must be an sgm_lightning.sde.SDE, got {type(sde).__name__}")
     shape = _check_shape(shape)
-    allowed = _COMMON + _method_options(method)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method={method!r}{_hints(unknown, allowed)}; "
-                         f"allowed options: steps, generator, {', '.join(allowed)}")
+    check_sampler_options(method, options)
     if steps is None:
         steps = default_steps(method, sde)
     else:

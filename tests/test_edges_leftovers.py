@@ -206,3 +206,50 @@ def test_sr3_takes_method_and_options_as_its_sampler(tmp_path, capsys):
     assert len({v["psnr_mean"] for v in runs.values()}) == 3  # three different samplers
     code, err = run_sample(tmp_path / "x", capsys, *base, "method=ddim", "task_options={sampler: ddpm}")
     assert code == 2 and "disagree" in err, err
+
+
+def test_misspelt_sampler_and_solver_options_fail_at_construction():
+    """A misspelt option reached the sampler only at the first grid / FID evaluation (step 500 / 5000 by
+    default, after training had run without a checkpoint), and log_likelihood passed 'rtoll' to
+    torchdiffeq, which only warns and integrates at its default tolerance."""
+    from sgm_lightning.evaluation.features import RandomProjectionFeatures
+    from sgm_lightning.evaluation.fid_callback import FIDCallback
+    from sgm_lightning.evaluation.likelihood_callback import LikelihoodCallback
+    from sgm_lightning.likelihood import log_likelihood
+    from sgm_lightning.sde import VPSDE
+    from sgm_lightning.training.callbacks.samples import SampleGridCallback
+    with pytest.raises(ValueError, match=r"samplers\['unipc'\].options: unknown option.*'ordr': did you mean 'order'"):
+        SampleGridCallback(samplers={"unipc": {"method": "unipc", "steps": 3, "options": {"ordr": 2}}})
+    with pytest.raises(ValueError, match="'rtoll': did you mean 'rtol'"):
+        FIDCallback(extractor=RandomProjectionFeatures((1, 8, 8)), method="ode", sampler_options={"rtoll": 1e-3})
+    with pytest.raises(ValueError, match="'rtoll': did you mean 'rtol'"):
+        LikelihoodCallback(every_n_steps=2, solver_options={"rtoll": 1e-3})
+    with pytest.raises(ValueError, match="'step_sze': did you mean 'step_size'"):
+        log_likelihood(lambda x, t: -x, VPSDE(), torch.randn(2, 2), solver="rk4", step_sze=0.1)
+    # the solvers' real options still pass, and change the result
+    a = log_likelihood(lambda x, t: -x, VPSDE(), torch.ones(2, 2), solver="rk4", step_size=0.5)
+    b = log_likelihood(lambda x, t: -x, VPSDE(), torch.ones(2, 2), solver="rk4", step_size=0.05)
+    assert a.nfe < b.nfe
+    SampleGridCallback(samplers={"unipc": {"method": "unipc", "steps": 3, "options": {"order": 2}}})
+
+
+def test_evaluation_callbacks_refuse_data_they_cannot_measure(tmp_path, capsys):
+    """On 2-D toy data, callbacks=fid metrics=randproj failed with 'expected inputs of shape (B, 1, 8, 8),
+    got (8, 2)' and, with the extractor fixed, the bits/dim callback with 'images hold values outside the
+    8-bit range' at its first evaluation; both now stop at start-up naming the setting to change."""
+    from test_edges_cli import run_train
+    base = ["data=toy", "net=mlp", "net.hidden_dim=8", "callbacks=fid", "metrics=randproj",
+            "metrics.reference_num_samples=64", "callbacks.fid.num_samples=8", "callbacks.fid.batch_size=8",
+            "callbacks.samples=null", "trainer.max_steps=2", "data.batch_size=64"]
+    code, err = run_train(tmp_path / "a", capsys, *base, "callbacks.likelihood=null", base=["logger=none"])
+    assert code == 2 and "set 'metrics.extractor.in_shape=[2]'" in err, err
+    code, err = run_train(tmp_path / "b", capsys, *base, "metrics.extractor.in_shape=[2]", base=["logger=none"])
+    assert code == 2 and "bits/dim of 8-bit images" in err and "callbacks.likelihood=null" in err, err
+    assert not (tmp_path / "b" / "run" / "checkpoints").exists()
+
+
+def test_colorize_on_grey_images_names_what_to_use():
+    from sgm_lightning.inverse.operators import Grayscale
+    with pytest.raises(ValueError, match="these images have 1 channel: use a model of colour images"):
+        Grayscale(channels=1)
+    assert Grayscale(channels=3).channels == 3

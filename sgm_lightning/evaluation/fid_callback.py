@@ -30,7 +30,7 @@ from sgm_lightning.evaluation.fid import (
 )
 from sgm_lightning.evaluation.reference import reference_statistics
 from sgm_lightning.training.data.ranges import to_signed
-from sgm_lightning.sampling import METHODS
+from sgm_lightning.sampling import METHODS, check_sampler_options
 from sgm_lightning.utils import check_choice, check_int
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class FIDCallback(PeriodicEvaluation):
         self.method = method
         self.steps = None if steps is None else check_int("steps (None: the method's default)", steps)
         self.sampler_options = dict(sampler_options or {})
+        check_sampler_options(method, self.sampler_options)  # 'rtoll' failed at the first evaluation
         self.use_ema, self.seed, self.kid = bool(use_ema), int(seed), bool(kid)
         self.kid_subset_size = check_int("kid_subset_size", kid_subset_size)
         self.reference_split, self.reference_num_samples = reference_split, reference_num_samples
@@ -143,6 +144,10 @@ class FIDCallback(PeriodicEvaluation):
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_unconditioned(pl_module)
+        takes, shape = getattr(self.extractor, "in_shape", None), getattr(pl_module, "data_shape", None)
+        if takes is not None and shape is not None and tuple(takes) != tuple(shape):  # randproj / identity features
+            raise ValueError(f"the FID feature extractor takes inputs of shape {tuple(takes)}, but this model's data "
+                             f"have shape {tuple(shape)}: set 'metrics.extractor.in_shape=[{','.join(map(str, shape))}]'")
         dm = trainer.datamodule
         dataset_id = self.dataset_id or getattr(dm, "dataset_id", None)
         if dm is None or dataset_id is None:

@@ -95,6 +95,12 @@ class LikelihoodCallback(PeriodicEvaluation):
         """Fail at start-up, not at step N, when the split to evaluate has no data."""
         if stage == "fit":
             self.check_unconditioned(pl_module)
+        shape = tuple(getattr(pl_module, "data_shape", ()) or ())
+        if shape and len(shape) != 3:  # continuous (B, D) data: 'values outside the 8-bit range' at step N
+            raise ValueError(f"LikelihoodCallback reports bits/dim of 8-bit images (C, H, W) under uniform "
+                             f"dequantization, but this model's data have shape {shape}: drop it "
+                             "(callbacks.likelihood=null), or compute NLLs in nats with "
+                             "sgm_lightning.likelihood.log_likelihood")
         dm = trainer.datamodule
         if stage != "fit" or dm is None or not hasattr(dm, f"{self.split}_dataloader"):
             return

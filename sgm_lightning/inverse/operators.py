@@ -214,7 +214,10 @@ class Grayscale(LinearOperator):
     def __init__(self, weights: str = "mean", channels: int = 3, sigma_y: float = 0.0):
         super().__init__(sigma_y=sigma_y)
         check_choice("weights", weights, self.WEIGHTS)
-        check_int("channels (colour images)", channels, min=2)
+        check_int("channels (colour images)", channels, min=1)
+        if channels == 1:  # 'must be an integer >= 2, got 1' named no way out
+            raise ValueError("colorization restores colour from grey images, but these images have 1 channel: "
+                             "use a model of colour images (e.g. a data=cifar10 checkpoint) for task=colorize")
         if weights == "luminance" and channels != 3:
             raise ValueError(f"weights='luminance' needs channels=3, got {channels}; use weights='mean'")
         self.weights = weights

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sgm_lightning.samplers import METHODS
+from sgm_lightning.sampling import check_sampler_options
 from sgm_lightning.training.viz import picturable, samples_to_image
 from sgm_lightning.utils import check_choice, check_int
 
@@ -62,6 +63,10 @@ class SampleGridCallback(L.Callback):
             if not isinstance(spec, Mapping) or "method" not in spec:
                 raise ValueError(f"samplers[{name!r}] must be a mapping with a 'method' key, got {spec!r}")
             check_choice(f"samplers[{name!r}].method", spec["method"], METHODS)  # fail at start-up, not at step N
+            try:
+                check_sampler_options(spec["method"], dict(spec.get("options") or {}))
+            except ValueError as e:
+                raise ValueError(f"samplers[{name!r}].options: {e}") from None
         self.every_n_steps = int(every_n_steps)
         self.samplers = samplers
         self.num_samples = int(num_samples)
