@@ -49,7 +49,7 @@ def _layer(path: pathlib.Path) -> int:
         return 2
     if rel[0] == "evaluation":
         return 3
-    if rel[0] == "cli.py":
+    if rel[0] in ("cli.py", "launch.py"):  # entry-point helpers
         return 4
     if rel[0] == "nets":
         return 1
@@ -60,7 +60,7 @@ def _module_layer(name: str) -> int | None:
     parts = name.split(".")
     if parts[0] != "sgm_lightning" or len(parts) < 2:
         return None
-    return {"training": 2, "evaluation": 3, "cli": 4, "nets": 1}.get(parts[1], 0)
+    return {"training": 2, "evaluation": 3, "cli": 4, "launch": 4, "nets": 1}.get(parts[1], 0)
 
 
 def test_no_module_imports_a_higher_layer():
