@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
                                run_cli, validate_train_config)
-from sgm_lightning.launch import check_shared_run_dir
+from sgm_lightning.launch import check_run_dir_is_free, check_shared_run_dir
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -92,6 +92,7 @@ def train(cfg: DictConfig):
     elif cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = os.path.abspath(cfg.run_dir)
+    check_run_dir_is_free(run_dir, cfg.ckpt_path)  # before anything is written there
     os.makedirs(run_dir, exist_ok=True)
 
     datamodule = build(cfg.data)

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import ConfigError, build, plain, resolve_ckpt_path, run_cli
-from sgm_lightning.launch import check_shared_run_dir
+from sgm_lightning.launch import check_run_dir_is_free, check_shared_run_dir
 
 
 def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
@@ -66,6 +66,7 @@ def train_classifier(cfg: DictConfig):
     elif cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = os.path.abspath(cfg.run_dir)
+    check_run_dir_is_free(run_dir, cfg.ckpt_path)  # before anything is written there
     os.makedirs(run_dir, exist_ok=True)
     datamodule = build(cfg.data)
     net_cfg = classifier_net_config(plain(cfg.classifier_net), tuple(datamodule.data_shape),

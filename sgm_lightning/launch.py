@@ -1,5 +1,6 @@
-"""How an entry point was launched: one process per rank by an external launcher (torchrun, srun) or
-not, and the check that all those processes write into one run directory."""
+"""How a training run starts: one process per rank by an external launcher (torchrun, srun) or not, the
+check that all those processes write into one run directory, and that a new run does not overwrite an
+earlier run's checkpoints in it."""
 
 from __future__ import annotations
 
@@ -35,3 +36,24 @@ def check_shared_run_dir(script: str = "train.py") -> None:
                           f"run dir (outputs/<date>/<time>): pass one dir for all ranks, e.g. "
                           f"hydra.run.dir=outputs/ddp_run1 (on a file system every node sees), and resume with the "
                           f"same hydra.run.dir=... ckpt_path=last")
+
+
+def check_run_dir_is_free(run_dir: str, ckpt_path) -> None:
+    """A run that does not resume this run dir's own checkpoint (``ckpt_path=null``, or another run's file) must
+    not start in a run dir that holds checkpoints: it overwrote ``last.ckpt`` and the periodic ones of the
+    earlier run, mixed its metrics into the same CSV / W&B run and its grids into the same folder."""
+    import glob
+
+    from sgm_lightning.cli import ConfigError
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")))
+    if not found:
+        return
+    own = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if ckpt_path not in (None, "", "null", "None") and (
+            ckpt_path == "last" or os.path.dirname(os.path.abspath(str(ckpt_path))) == own):
+        return
+    given = "ckpt_path=null (a fresh start)" if ckpt_path in (None, "", "null", "None") else f"ckpt_path={ckpt_path}"
+    raise ConfigError(f"the run dir {run_dir} already holds the checkpoints of an earlier run "
+                      f"({', '.join(os.path.basename(f) for f in found[:3])}{', ...' if len(found) > 3 else ''}), "
+                      f"which {given} would overwrite: continue that run with ckpt_path=last, or start this one in "
+                      f"a new run dir (hydra.run.dir=<new dir>, or leave it unset for a time-stamped one)")

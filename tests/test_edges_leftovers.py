@@ -253,3 +253,28 @@ def test_colorize_on_grey_images_names_what_to_use():
     with pytest.raises(ValueError, match="these images have 1 channel: use a model of colour images"):
         Grayscale(channels=1)
     assert Grayscale(channels=3).channels == 3
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path, capsys):
+    """train.py with the run dir of an earlier run and ckpt_path=null started from scratch and overwrote its
+    last.ckpt (and mixed its metrics and grids into the earlier run's); so did a start from another run's
+    checkpoint file. Resuming the run dir's own checkpoint is unchanged."""
+    from test_edges_cli import run_train
+    from test_classifier_cli import fit_classifier
+    run = tmp_path / "run"
+    assert run_train(tmp_path, capsys, "trainer.max_steps=2")[0] is None
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    for extra in ([], [f"ckpt_path={tmp_path / 'elsewhere' / 'checkpoints' / 'last.ckpt'}"]):
+        code, err = run_train(tmp_path, capsys, "trainer.max_steps=3", *extra)
+        assert code == 2 and "already holds the checkpoints of an earlier run (last.ckpt)" in err, err
+        assert "ckpt_path=last" in err and last.read_bytes() == before
+    code, err = run_train(tmp_path, capsys, "trainer.max_steps=3", "ckpt_path=last")
+    assert code is None, err
+    code, err = run_train(tmp_path, capsys, "trainer.max_steps=4", f"ckpt_path={last}")
+    assert code is None, err
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    fit_classifier(tmp_path / "clf", "trainer.max_steps=1")
+    with pytest.raises(SystemExit):
+        fit_classifier(tmp_path / "clf", "trainer.max_steps=2")
+    assert "already holds the checkpoints" in capsys.readouterr().err
