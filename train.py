@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
                                run_cli, validate_train_config)
-from sgm_lightning.launch import check_run_dir_is_free, check_shared_run_dir
+from sgm_lightning.launch import start_run
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -78,22 +78,12 @@ def _check_net_takes_classes(net_cfg: dict) -> None:
 
 def train(cfg: DictConfig):
     """Build data, SDE, network, loss, module, logger, callbacks and trainer from ``cfg``; fit."""
-    import lightning as L
-    import torch
     from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.fault_tolerance import PreemptionCheckpoint
     from sgm_lightning.training.lit_module import ScoreLitModule
 
     check_settings(cfg)
-    check_shared_run_dir("train.py")  # torchrun / srun: one run dir for every rank
-    L.seed_everything(cfg.seed, workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
-    elif cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
-    run_dir = os.path.abspath(cfg.run_dir)
-    check_run_dir_is_free(run_dir, cfg.ckpt_path)  # before anything is written there
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = start_run(cfg, "train.py")  # seeds, threads; one run dir for all ranks, no earlier run's files
 
     datamodule = build(cfg.data)
     sde = build(cfg.sde)

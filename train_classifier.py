@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import ConfigError, build, plain, resolve_ckpt_path, run_cli
-from sgm_lightning.launch import check_run_dir_is_free, check_shared_run_dir
+from sgm_lightning.launch import start_run
 
 
 def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
@@ -50,8 +50,6 @@ def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
 
 def train_classifier(cfg: DictConfig):
     """Build data, SDE, classifier, module, logger, callbacks and trainer from ``cfg``; fit."""
-    import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.fault_tolerance import PreemptionCheckpoint
@@ -59,15 +57,7 @@ def train_classifier(cfg: DictConfig):
 
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
-    check_shared_run_dir("train_classifier.py")  # torchrun / srun: one run dir for every rank
-    L.seed_everything(cfg.seed, workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
-    elif cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
-    run_dir = os.path.abspath(cfg.run_dir)
-    check_run_dir_is_free(run_dir, cfg.ckpt_path)  # before anything is written there
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = start_run(cfg, "train_classifier.py")  # seeds, threads, checked run dir
     datamodule = build(cfg.data)
     net_cfg = classifier_net_config(plain(cfg.classifier_net), tuple(datamodule.data_shape),
                                     getattr(datamodule, "num_classes", None))

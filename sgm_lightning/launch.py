@@ -5,6 +5,7 @@ earlier run's checkpoints in it."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def external_launcher() -> str | None:
@@ -57,3 +58,22 @@ def check_run_dir_is_free(run_dir: str, ckpt_path) -> None:
                       f"({', '.join(os.path.basename(f) for f in found[:3])}{', ...' if len(found) > 3 else ''}), "
                       f"which {given} would overwrite: continue that run with ckpt_path=last, or start this one in "
                       f"a new run dir (hydra.run.dir=<new dir>, or leave it unset for a time-stamped one)")
+
+
+def start_run(cfg: Any, script: str) -> str:
+    """The start of a training run (train.py, train_classifier.py): one run dir for all ranks of a
+    torchrun / srun launch, seeds, float32 matmul precision on a GPU or ``cpu_threads`` without one, and a
+    run dir that holds no earlier run's checkpoints (checked before anything is written). Returns the
+    absolute run dir, created."""
+    import lightning as L
+    import torch
+    check_shared_run_dir(script)
+    L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    elif cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+    run_dir = os.path.abspath(cfg.run_dir)
+    check_run_dir_is_free(run_dir, cfg.get("ckpt_path"))
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir

@@ -58,3 +58,27 @@ def compose_config(config: str, overrides):
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
         return compose(config_name=config, overrides=list(overrides))
+
+
+@pytest.fixture
+def no_debug(monkeypatch):
+    """CLI errors as users see them (one ``Error:`` line), whatever SGM_DEBUG / HYDRA_FULL_ERROR say here."""
+    monkeypatch.delenv("SGM_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with the layout train.py writes: <run_dir>/checkpoints/last.ckpt (tiny U-Net, VP SDE)."""
+    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
+
+    from hydra.utils import instantiate
+    from sgm_lightning.training.lit_module import ScoreLitModule
+    sde = instantiate(SDE)
+    torch.manual_seed(0)
+    module = ScoreLitModule(net=instantiate(NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
+                            ema_decay=0.9, config={"net": NET, "sde": SDE, "loss": LOSS, "data": DATA})
+    run = tmp_path_factory.mktemp("run")
+    (run / "checkpoints").mkdir()
+    write_checkpoint(module, run / "checkpoints" / "last.ckpt")
+    return run

@@ -20,9 +20,9 @@ CLF = ["logger=none", "data.batch_size=512", "trainer.log_every_n_steps=1", "+tr
 UNET = ["classifier_net.base_channels=8", "classifier_net.channel_mults=[1]", "classifier_net.num_groups=4"]
 
 
-def fit_classifier(run_dir, *overrides):
+def fit_classifier(out_dir, *overrides):
     net = [] if "classifier_net=mlp" in overrides else UNET
-    cfg = compose_config("classifier", [*CLF, *net, f"run_dir={run_dir}", *overrides])
+    cfg = compose_config("classifier", [*CLF, *net, f"run_dir={out_dir}", *overrides])
     threads = torch.get_num_threads()
     try:
         return run_cli(load_script("train_classifier").train_classifier)(cfg)
@@ -30,33 +30,13 @@ def fit_classifier(run_dir, *overrides):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("SGM_DEBUG", raising=False)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+pytestmark = pytest.mark.usefixtures("no_debug")
 
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("clf")
     fit_classifier(run, "trainer.max_steps=7")
-    return run
-
-
-@pytest.fixture(scope="module")
-def score_run(tmp_path_factory):
-    """An unconditional digits score model (what train.py writes), VP SDE as the classifier's."""
-    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
-
-    from hydra.utils import instantiate
-    from sgm_lightning.training.lit_module import ScoreLitModule
-    sde = instantiate(SDE)
-    torch.manual_seed(0)
-    module = ScoreLitModule(net=instantiate(NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
-                            ema_decay=0.9, config={"net": NET, "sde": SDE, "loss": LOSS, "data": DATA})
-    run = tmp_path_factory.mktemp("score")
-    (run / "checkpoints").mkdir()
-    write_checkpoint(module, run / "checkpoints" / "last.ckpt")
     return run
 
 
@@ -87,10 +67,10 @@ def test_classifier_checkpoint_rebuilds_from_the_file_alone(classifier_run):
     assert clf(x, t).shape == (3, 10)
 
 
-def test_guided_sampling_labels_and_the_unguided_limit(classifier_run, score_run, tmp_path, capsys):
+def test_guided_sampling_labels_and_the_unguided_limit(classifier_run, run_dir, tmp_path, capsys):
     """classifier_scale=0 is the unguided sampler bit for bit; a positive scale changes the samples;
     the labels are stored (cycled over the classifier's 10 classes, or class_label)."""
-    base = [f"ckpt_path={score_run}", "num_samples=4", "method=ddim", "steps=3"]
+    base = [f"ckpt_path={run_dir}", "num_samples=4", "method=ddim", "steps=3"]
     plain_run, _ = run_sample(tmp_path, capsys, *base)
     zero, err = run_sample(tmp_path, capsys, *base, f"classifier_ckpt={classifier_run}", "classifier_scale=0")
     guided, _ = run_sample(tmp_path, capsys, *base, f"classifier_ckpt={classifier_run}", "classifier_scale=5",
@@ -107,34 +87,34 @@ def test_guided_sampling_labels_and_the_unguided_limit(classifier_run, score_run
     (["class_label=-1"], "class_label=-1 is not a class of the classifier"),
     (["classifier_scale=abc"], "scale"),
 ])
-def test_classifier_options_are_checked(classifier_run, score_run, tmp_path, capsys, overrides, message):
+def test_classifier_options_are_checked(classifier_run, run_dir, tmp_path, capsys, overrides, message):
     extra = [] if overrides == ["classifier_scale=2"] else [f"classifier_ckpt={classifier_run}"]
-    code, err = run_sample(tmp_path, capsys, f"ckpt_path={score_run}", "num_samples=2", "steps=2", *extra, *overrides)
+    code, err = run_sample(tmp_path, capsys, f"ckpt_path={run_dir}", "num_samples=2", "steps=2", *extra, *overrides)
     assert code == 2 and message in err, err
     assert not list(tmp_path.glob("*.npz"))
 
 
-def test_classifier_of_another_sde_or_data_is_refused(score_run, tmp_path, capsys):
+def test_classifier_of_another_sde_or_data_is_refused(run_dir, tmp_path, capsys):
     ve = tmp_path / "ve"
     fit_classifier(ve, "trainer.max_steps=1", "sde=ve")
-    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={score_run}", f"classifier_ckpt={ve}")
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={run_dir}", f"classifier_ckpt={ve}")
     assert code == 2 and "was trained on x_t of VESDE" in err and "same sde" in err, err
     toy = tmp_path / "toy"
     fit_classifier(toy, "trainer.max_steps=1", "data=toy", "data.name=gaussian_mixture", "classifier_net=mlp",
                    "classifier_net.hidden_dim=8", "data.batch_size=64")
-    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={score_run}", f"classifier_ckpt={toy}")
+    code, err = run_sample(tmp_path / "out", capsys, f"ckpt_path={run_dir}", f"classifier_ckpt={toy}")
     assert code == 2 and "does not take this model's data of shape (1, 8, 8)" in err, err
 
 
-def test_checkpoints_of_the_other_kind_are_named(classifier_run, score_run, tmp_path, capsys):
+def test_checkpoints_of_the_other_kind_are_named(classifier_run, run_dir, tmp_path, capsys):
     from sgm_lightning.training.checkpoint import CheckpointError
     from sgm_lightning.training.lit_classifier import load_classifier_checkpoint
     with pytest.raises(CheckpointError, match="not a noisy-classifier checkpoint.*train_classifier.py"):
-        load_classifier_checkpoint(str(score_run / "checkpoints" / "last.ckpt"))
+        load_classifier_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"))
     code, err = run_sample(tmp_path, capsys, f"ckpt_path={classifier_run}")
     assert code == 2 and "classifier_ckpt=" in err, err  # a classifier as the score model
     with pytest.raises(SystemExit):  # a score checkpoint to resume a classifier run: its net differs
-        fit_classifier(tmp_path / "r", "trainer.max_steps=1", f"ckpt_path={score_run / 'checkpoints' / 'last.ckpt'}")
+        fit_classifier(tmp_path / "r", "trainer.max_steps=1", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
     assert "net" in capsys.readouterr().err
 
 

@@ -41,27 +41,7 @@ def run_sample(out_dir, capsys, *overrides):
         return e.code, capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("SGM_DEBUG", raising=False)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run directory with the layout train.py writes: <run_dir>/checkpoints/last.ckpt (tiny U-Net)."""
-    from test_sample_cli import DATA, LOSS, NET, SDE, write_checkpoint
-
-    from hydra.utils import instantiate
-    from sgm_lightning.training.lit_module import ScoreLitModule
-    sde = instantiate(SDE)
-    torch.manual_seed(0)
-    module = ScoreLitModule(net=instantiate(NET), sde=sde, loss=instantiate(LOSS, sde=sde), data_shape=(1, 8, 8),
-                            ema_decay=0.9, config={"net": NET, "sde": SDE, "loss": LOSS, "data": DATA})
-    run = tmp_path_factory.mktemp("run")
-    (run / "checkpoints").mkdir()
-    write_checkpoint(module, run / "checkpoints" / "last.ckpt")
-    return run
+pytestmark = pytest.mark.usefixtures("no_debug")
 
 
 # ----------------------------------------------------------------------------- train.py: trainer settings

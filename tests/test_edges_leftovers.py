@@ -1,5 +1,7 @@
-"""Leftovers of the stop-16 audit: guidance on a checkpoint whose null class was never trained, and
-start-up refusals of settings Lightning would silently change."""
+"""Edge cases left by the stop-16 audit and found since: guidance on a checkpoint whose null class was
+never trained, settings Lightning would silently change (fp16 on CPU), ``group=null``, torchrun / srun run
+dirs, a new run in an earlier run's dir, sample.py options a mode would ignore, and options that failed
+only at step N (misspelt sampler / solver options, FID and bits/dim on data they cannot measure)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 from test_edges_cli import run_sample
+
+pytestmark = pytest.mark.usefixtures("no_debug")
 
 
 def _conditional_module(cond_drop_prob):
