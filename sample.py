@@ -22,6 +22,7 @@ weights unless ``use_ema=false``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -59,7 +60,8 @@ def sample_main(cfg: DictConfig) -> dict:
                           "data)")
     out_dir = os.path.abspath(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     os.makedirs(out_dir, exist_ok=True)
-    return {"grid": _grid, "eval": _evaluate, "task": _task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
+    task = functools.partial(_task, default_method=defaults["method"])
+    return {"grid": _grid, "eval": _evaluate, "task": task, "interpolate": _interpolate}[mode](cfg, module, out_dir)
 
 
 def _refuse_ignored(cfg, mode: str, defaults: dict) -> None:
@@ -256,7 +258,7 @@ def _evaluate(cfg, module, out_dir: str) -> dict:
     return {"eval": result}
 
 
-def _task(cfg, module, out_dir: str) -> dict:
+def _task(cfg, module, out_dir: str, default_method: str = "unipc") -> dict:
     """``mode=task``: restore ``num_samples`` images from their measurement (docs/inverse.md)."""
     from sgm_lightning.evaluation.inverse_tasks import restore_dataset_images
     settings = {"checkpoint_step": _checkpoint_step(cfg.ckpt_path), "settings": plain(cfg)}
@@ -268,7 +270,7 @@ def _task(cfg, module, out_dir: str) -> dict:
                 raise ValueError(f"task_options.{key}={value!r}, but this SR3 checkpoint was trained on pairs with "
                                  f"{key}={trained[key]!r}: drop task_options.{key} (it is read from the checkpoint)")
         task_options = {**trained, **task_options}
-        if cfg.method != _default_method():  # the SR3 sampler: method= as task_options.sampler
+        if cfg.method != default_method:  # the SR3 sampler: method= as task_options.sampler
             if task_options.get("sampler", cfg.method) != cfg.method:
                 raise ValueError(f"method={cfg.method} and task_options.sampler={task_options['sampler']} disagree: "
                                  "give the SR3 sampler once")
@@ -278,12 +280,6 @@ def _task(cfg, module, out_dir: str) -> dict:
                                   method=str(cfg.task_method), num_images=int(cfg.num_samples),
                                   steps=int(cfg.steps or 100), seed=int(cfg.seed), use_ema=bool(cfg.use_ema),
                                   out_dir=out_dir, settings=settings, **task_options)
-
-
-def _default_method() -> str:
-    """``method``'s value in configs/sample.yaml."""
-    from sgm_lightning.cli import config_defaults
-    return config_defaults(CONFIG_DIR, "sample")["method"]
 
 
 def _interpolate(cfg, module, out_dir: str) -> dict:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import (build, check_noise_level, inherit_wandb_id, net_config, plain, resolve_ckpt_path,
                                run_cli, validate_train_config)
-from sgm_lightning.launch import start_run
+from sgm_lightning.launch import start_run, trainer_plugins
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -78,7 +78,6 @@ def _check_net_takes_classes(net_cfg: dict) -> None:
 
 def train(cfg: DictConfig):
     """Build data, SDE, network, loss, module, logger, callbacks and trainer from ``cfg``; fit."""
-    from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.fault_tolerance import PreemptionCheckpoint
     from sgm_lightning.training.lit_module import ScoreLitModule
 
@@ -126,11 +125,7 @@ def train(cfg: DictConfig):
     # the preemption checkpoint after every other callback of a step (evaluations, grids, ...), so the step
     # it saves at has been evaluated; Lightning runs ModelCheckpoint-type callbacks last in any case
     callbacks.sort(key=lambda cb: isinstance(cb, PreemptionCheckpoint))  # stable
-    plugins, overrides = [AtomicCheckpointIO()], {}  # write-then-rename checkpoints
-    if _fp16_on_cpu(cfg.trainer):  # Lightning would train in bf16 instead, with only a warning
-        from lightning.pytorch.plugins import MixedPrecision
-        plugins.append(MixedPrecision("16-mixed", "cpu"))  # fp16 autocast + grad scaler, as asked
-        overrides["precision"] = None
+    plugins, overrides = trainer_plugins(cfg.trainer)  # atomic checkpoints; fp16 on a CPU as asked
     trainer = build(cfg.trainer, logger=logger if logger is not None else False,
                     callbacks=callbacks, plugins=plugins, **overrides)
     if trainer.is_global_zero:
@@ -142,16 +137,6 @@ def train(cfg: DictConfig):
         for p in grids:
             print(f"[train] sample grid: {p}")
     return trainer
-
-
-def _fp16_on_cpu(trainer_cfg) -> bool:
-    """``trainer.precision=16-mixed`` on a CPU: Lightning swaps it for bf16-mixed (a warning, while the stored
-    config says fp16); torch's CPU autocast does fp16, so train.py gives Lightning the fp16 plugin itself."""
-    import torch
-    if str(trainer_cfg.get("precision")) not in ("16-mixed", "16"):
-        return False
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

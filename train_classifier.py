@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sgm_lightning.cli import ConfigError, build, plain, resolve_ckpt_path, run_cli
-from sgm_lightning.launch import start_run
+from sgm_lightning.launch import start_run, trainer_plugins
 
 
 def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
@@ -51,7 +51,6 @@ def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
 def train_classifier(cfg: DictConfig):
     """Build data, SDE, classifier, module, logger, callbacks and trainer from ``cfg``; fit."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from sgm_lightning.training.checkpoint import AtomicCheckpointIO
     from sgm_lightning.training.fault_tolerance import PreemptionCheckpoint
     from sgm_lightning.training.lit_classifier import NoisyClassifierModule
 
@@ -73,8 +72,9 @@ def train_classifier(cfg: DictConfig):
                                  auto_insert_metric_name=False, save_last=True, save_top_k=-1,
                                  every_n_train_steps=every, enable_version_counter=False),
                  PreemptionCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"))]
+    plugins, overrides = trainer_plugins(cfg.trainer)  # atomic checkpoints; fp16 on a CPU as asked
     trainer = build(cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
-                    plugins=[AtomicCheckpointIO()])
+                    plugins=plugins, **overrides)
     if trainer.is_global_zero:
         print(f"[train_classifier] run dir: {run_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)

@@ -1,6 +1,6 @@
-"""How a training run starts: one process per rank by an external launcher (torchrun, srun) or not, the
-check that all those processes write into one run directory, and that a new run does not overwrite an
-earlier run's checkpoints in it."""
+"""How a training run starts (train.py, train_classifier.py): one process per rank by an external launcher
+(torchrun, srun) or not, the check that all those processes write into one run directory and that a new
+run does not overwrite an earlier run's checkpoints in it, and the Trainer plugins every run gets."""
 
 from __future__ import annotations
 
@@ -77,3 +77,20 @@ def start_run(cfg: Any, script: str) -> str:
     check_run_dir_is_free(run_dir, cfg.get("ckpt_path"))
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
+
+
+def trainer_plugins(trainer_cfg: Any) -> tuple[list, dict]:
+    """The Trainer's plugins and argument overrides of a run: write-then-rename checkpoints, and for
+    ``trainer.precision=16-mixed`` on a CPU the fp16 plugin itself (fp16 autocast + grad scaler, as asked;
+    Lightning alone swaps it for bf16-mixed with a warning, while the stored config says fp16)."""
+    import torch
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from sgm_lightning.training.checkpoint import AtomicCheckpointIO
+    plugins, overrides = [AtomicCheckpointIO()], {}
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if str(trainer_cfg.get("precision")) in ("16-mixed", "16") and on_cpu:
+        plugins.append(MixedPrecision("16-mixed", "cpu"))
+        overrides["precision"] = None
+    return plugins, overrides
