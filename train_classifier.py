@@ -14,6 +14,7 @@ Same conventions as ``train.py`` (``configs/classifier.yaml``): Hydra overrides,
 
 from __future__ import annotations
 
+import math
 import os
 
 import hydra
@@ -29,19 +30,15 @@ def classifier_net_config(net_cfg: dict, data_shape, num_classes) -> dict:
     if num_classes is None:
         raise ConfigError("a noisy classifier needs a labelled dataset, but the data module reports num_classes=None; "
                           "use labelled data (data=digits, data=mnist, data=toy data.name=gaussian_mixture, ...)")
-    fields = {"num_classes": num_classes}
-    if len(data_shape) == 3:
-        fields.update(in_channels=data_shape[0], image_size=data_shape[-1])
-    elif "dim" in net:
-        fields["dim"] = 1
-        for n in data_shape:
-            fields["dim"] *= int(n)
-    if "in_channels" in net and len(data_shape) != 3:
+    image = len(data_shape) == 3
+    if "in_channels" in net and not image:
         raise ConfigError(f"classifier_net={net['_target_'].rsplit('.', 1)[-1]} classifies images (C, H, W), but the "
                           f"data has shape {tuple(data_shape)}: use classifier_net=mlp")
-    if "dim" in net and len(data_shape) == 3:
+    if "dim" in net and image:
         raise ConfigError(f"classifier_net=mlp classifies (B, D) data, but the data are images {tuple(data_shape)}: "
                           "use classifier_net=unet")
+    fields = {"num_classes": num_classes, **({"in_channels": data_shape[0], "image_size": data_shape[-1]} if image
+                                             else {"dim": math.prod(data_shape)})}
     for key, value in fields.items():
         if net.get(key) is None:
             net[key] = int(value)

@@ -49,11 +49,11 @@ def check_run_dir_is_free(run_dir: str, ckpt_path) -> None:
     found = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")))
     if not found:
         return
+    fresh = ckpt_path in (None, "", "null", "None")  # what resolve_ckpt_path reads as a fresh start
     own = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    if ckpt_path not in (None, "", "null", "None") and (
-            ckpt_path == "last" or os.path.dirname(os.path.abspath(str(ckpt_path))) == own):
+    if not fresh and (ckpt_path == "last" or os.path.dirname(os.path.abspath(str(ckpt_path))) == own):
         return
-    given = "ckpt_path=null (a fresh start)" if ckpt_path in (None, "", "null", "None") else f"ckpt_path={ckpt_path}"
+    given = "ckpt_path=null (a fresh start)" if fresh else f"ckpt_path={ckpt_path}"
     raise ConfigError(f"the run dir {run_dir} already holds the checkpoints of an earlier run "
                       f"({', '.join(os.path.basename(f) for f in found[:3])}{', ...' if len(found) > 3 else ''}), "
                       f"which {given} would overwrite: continue that run with ckpt_path=last, or start this one in "
